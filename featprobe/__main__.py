@@ -1,0 +1,3 @@
+from featprobe.cli import main
+
+main(prog_name="featprobe")

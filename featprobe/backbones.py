@@ -1,0 +1,390 @@
+"""The one registry of backbones: name → builder, the layers it can emit, preprocessing, weights.
+
+Registered backbones state their layers (name → module path and dimension). Any other
+torchvision classification model works by name too: its default layer is ``penultimate``, the
+input of its last ``nn.Linear`` (what the classifier sees). A layer may also be given as a module
+path (``features.28``), whose output is flattened.
+
+Weights are resolved through torchvision's own enums, so ``DEFAULT`` or ``IMAGENET1K_V1`` load
+from ``$TORCH_HOME/hub/checkpoints/`` before trying to download. ``none`` is a random-init
+control (seeded, so it is reproducible); a path loads a local state dict with
+``weights_only=True``, strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms._presets import ImageClassification
+
+from featprobe.errors import FeatprobeError
+
+PENULTIMATE = "penultimate"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Where a layer's features come from: a module's output (or its input) flattened per image."""
+
+    module: str
+    dim: int | None = None
+    use_input: bool = False
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Facts about a registered backbone: its layers (in forward order) and the default ones."""
+
+    name: str
+    layers: dict[str, Layer]
+    default_layers: tuple[str, ...]
+    description: str = ""
+
+
+_VGG_LAYERS = {
+    "pool5": Layer("avgpool", 25088),
+    "fc6": Layer("classifier.1", 4096),
+    "fc7": Layer("classifier.4", 4096),
+}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in [
+        BackboneSpec("vgg16", _VGG_LAYERS, ("pool5", "fc7"), "VGG16 (the tutorial's backbone)"),
+        BackboneSpec("vgg16_bn", _VGG_LAYERS, ("pool5", "fc7"), "VGG16 with batch norm"),
+        BackboneSpec("resnet18", {"avgpool": Layer("avgpool", 512)}, ("avgpool",), "ResNet-18"),
+        BackboneSpec("resnet50", {"avgpool": Layer("avgpool", 2048)}, ("avgpool",), "ResNet-50"),
+        BackboneSpec(
+            "mobilenet_v2",
+            {"avgpool": Layer("classifier.1", 1280, use_input=True)},
+            ("avgpool",),
+            "MobileNetV2 (pooled 1280-d features)",
+        ),
+    ]
+}
+
+
+def classification_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKBONES and name not in classification_models():
+        raise FeatprobeError(
+            f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)} or any torchvision "
+            "classification model name (see `featprobe backbones`)"
+        )
+
+
+def resolve_layers(name: str, layers: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The layers to emit: those asked for (validated) or the backbone's defaults."""
+    _check_name(name)
+    spec = BACKBONES.get(name)
+    if not layers:
+        return list(spec.default_layers) if spec else [PENULTIMATE]
+    out = []
+    for layer in layers:
+        if layer in out:
+            raise FeatprobeError(f"layer {layer!r} given twice")
+        out.append(layer)
+    known = set(spec.layers) if spec else {PENULTIMATE}
+    for layer in out:
+        # anything else must be a module path; checked against the model when it is built
+        if layer not in known and not _looks_like_module_path(layer):
+            raise FeatprobeError(
+                f"unknown layer {layer!r} for {name}: use {', '.join(sorted(known))} "
+                "or a module path such as features.28"
+            )
+    return out
+
+
+def _looks_like_module_path(layer: str) -> bool:
+    return all(part.isidentifier() or part.isdigit() for part in layer.split("."))
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What ``--weights`` resolved to, known without building the model.
+
+    ``identity`` enters the cache key: the torchvision enum name (whose file name carries a hash
+    prefix) or the SHA-256 of a local file.
+    """
+
+    kind: str  # "torchvision" | "none" | "file"
+    name: str  # e.g. IMAGENET1K_V1, none, or the file path
+    identity: str
+    enum: object = field(default=None, compare=False, repr=False)
+
+
+def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> WeightsChoice:
+    _check_name(backbone)
+    arg = "DEFAULT" if weights is None else str(weights)
+    if arg.lower() == "none":
+        return WeightsChoice("none", "none", "none")
+    enum_cls = _weights_enum(backbone)
+    if enum_cls is not None and (arg == "DEFAULT" or arg in enum_cls.__members__):
+        w = enum_cls[arg] if arg != "DEFAULT" else enum_cls.DEFAULT
+        return WeightsChoice("torchvision", w.name, f"{enum_cls.__name__}.{w.name}", w)
+    p = Path(arg).expanduser()
+    if p.is_file():
+        return WeightsChoice("file", str(p.resolve()), "sha256:" + sha256_file(p))
+    names = ", ".join(["DEFAULT", *enum_cls.__members__]) if enum_cls else "(none published)"
+    if any(sep in arg for sep in ("/", os.sep)) or arg.endswith((".pth", ".pt", ".bin")):
+        raise FeatprobeError(f"weights file not found: {arg}")
+    raise FeatprobeError(
+        f"unknown weights {arg!r} for {backbone}: use {names}, none, or a path to a state dict"
+    )
+
+
+def _weights_enum(backbone: str):
+    try:
+        return torchvision.models.get_model_weights(backbone)
+    except (ValueError, KeyError):
+        return None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_path(enum_weights) -> Path:
+    """Where torchvision's loader looks for an enum's file before downloading it."""
+    filename = os.path.basename(urlparse(enum_weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def preprocessing(
+    backbone: str, choice: WeightsChoice, image_size: int | None = None
+) -> dict:
+    """The preprocessing, as JSON-able facts: from the weights' own ``transforms()``.
+
+    Random-init and local-file weights use the architecture's DEFAULT weights' transforms (so a
+    random control and a fine-tuned file see exactly what the pretrained model sees), or plain
+    ImageNet 256/224 when torchvision publishes no weights. ``image_size`` overrides the crop
+    (the resize keeps torchvision's 256:224 ratio) — useful for small images and fast tests.
+    """
+    enum = choice.enum
+    if enum is None:
+        enum_cls = _weights_enum(backbone)
+        enum = enum_cls.DEFAULT if enum_cls is not None else None
+    if enum is not None:
+        t = enum.transforms()
+        pre = {
+            "resize_size": list(t.resize_size) if t.resize_size else None,
+            "crop_size": list(t.crop_size),
+            "mean": list(t.mean),
+            "std": list(t.std),
+            "interpolation": t.interpolation.value,
+            "antialias": bool(t.antialias),
+        }
+    else:
+        pre = {
+            "resize_size": [256],
+            "crop_size": [224],
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "interpolation": "bilinear",
+            "antialias": True,
+        }
+    if image_size is not None:
+        if image_size < 16:
+            raise FeatprobeError(f"--image-size must be at least 16, got {image_size}")
+        crop, resize = pre["crop_size"][0], (pre["resize_size"] or pre["crop_size"])[0]
+        pre["crop_size"] = [image_size]
+        pre["resize_size"] = [round(image_size * resize / crop)]
+    return pre
+
+
+def make_transform(pre: dict) -> ImageClassification:
+    """torchvision's own ImageClassification preset, rebuilt from recorded preprocessing facts."""
+    return ImageClassification(
+        crop_size=pre["crop_size"][0],
+        resize_size=pre["resize_size"][0] if pre["resize_size"] else None,
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        interpolation=InterpolationMode(pre["interpolation"]),
+        antialias=pre["antialias"],
+    )
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def weights_sha256(choice: WeightsChoice) -> str | None:
+    """SHA-256 of the file behind the weights (None for random init or a missing file)."""
+    if choice.kind == "file":
+        return choice.identity.removeprefix("sha256:")
+    if choice.kind == "torchvision":
+        path = checkpoint_path(choice.enum)
+        return sha256_file(path) if path.is_file() else None
+    return None
+
+
+def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
+    """The frozen model in eval mode, weights loaded as ``choice`` says."""
+    if choice.kind == "torchvision":
+        path = checkpoint_path(choice.enum)
+        try:
+            model = torchvision.models.get_model(backbone, weights=choice.enum)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            if path.is_file() and not isinstance(e, urllib.error.URLError):
+                raise FeatprobeError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+            raise FeatprobeError(
+                f"weights {choice.identity} are not on this machine and could not be downloaded "
+                f"({type(e).__name__}); put {path.name} ({choice.enum.url}) in {path.parent}, "
+                "or pass --weights PATH to a local state dict"
+            ) from None
+    else:
+        # seeded, so the random-features control and any resumed run see the same weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(backbone, weights=None)
+        if choice.kind == "file":
+            _load_file(model, choice.name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """A state dict from a local file, refusing anything that would need pickle to execute code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FeatprobeError(
+            f"cannot load weights {path} safely (weights_only=True): {first}"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FeatprobeError(f"weights file {path} does not hold a state dict of tensors")
+    return obj
+
+
+def _load_file(model: nn.Module, path: str) -> None:
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise FeatprobeError(
+            f"weights file {path} does not match {type(model).__name__}: {detail[:300]}"
+        ) from None
+
+
+def _find_module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise FeatprobeError(
+            f"{type(model).__name__} has no module {path!r}; see `featprobe backbones --layers`"
+        ) from None
+
+
+def layer_sources(backbone: str, model: nn.Module, layers: list[str]) -> dict[str, Layer]:
+    spec = BACKBONES.get(backbone)
+    out = {}
+    for layer in layers:
+        if spec is not None and layer in spec.layers:
+            out[layer] = spec.layers[layer]
+        elif layer == PENULTIMATE:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise FeatprobeError(
+                    f"{backbone} has no final nn.Linear to take penultimate features from; "
+                    "name a module path with --layers"
+                )
+            last = linears[-1]
+            out[layer] = Layer(last, _find_module(model, last).in_features, use_input=True)
+        else:
+            _find_module(model, layer)
+            out[layer] = Layer(layer)
+    return out
+
+
+class FeatureExtractor(nn.Module):
+    """Runs the backbone once per batch and returns the requested layers, flattened.
+
+    Forward hooks (not FX tracing) so any torchvision model works; the forward stops being
+    useful after the last hooked layer, but the classifier on top costs little next to the convs.
+    """
+
+    def __init__(self, model: nn.Module, sources: dict[str, Layer]):
+        super().__init__()
+        self.model = model
+        self.sources = sources
+        self._out: dict[str, torch.Tensor] = {}
+        for name, src in sources.items():
+            module = _find_module(model, src.module)
+            if src.use_input:
+                module.register_forward_pre_hook(self._pre_hook(name))
+            else:
+                module.register_forward_hook(self._hook(name))
+
+    def _pre_hook(self, name):
+        def hook(module, args):
+            self._out[name] = args[0].flatten(1).clone()
+
+        return hook
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self._out[name] = output.flatten(1).clone()
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._out = {}
+        self.model(x)
+        return {name: self._out[name] for name in self.sources}
+
+
+def describe() -> list[dict]:
+    """Registered backbones with their layers, for ``featprobe backbones``."""
+    return [
+        {
+            "name": s.name,
+            "layers": {k: v.dim for k, v in s.layers.items()},
+            "default_layers": list(s.default_layers),
+            "description": s.description,
+        }
+        for s in BACKBONES.values()
+    ]
+
+
+__all__ = [
+    "BACKBONES",
+    "BackboneSpec",
+    "FeatureExtractor",
+    "Layer",
+    "WeightsChoice",
+    "build_model",
+    "make_transform",
+    "preprocessing",
+    "resolve_layers",
+    "resolve_weights",
+]

@@ -1,0 +1,323 @@
+"""The HDF5 feature cache: its layout, crash-safe writing, and reading.
+
+Writing never produces a file that reads as complete but is not:
+
+1. Features stream into ``<name>.partial/``: one ``part-NNNNNN.npz`` per batch, each written to a
+   temporary name, fsynced and atomically renamed. A killed run leaves only whole parts.
+2. When every part exists they are consolidated into ``<name>.h5.tmp-<pid>``, with
+   ``complete=True`` written last; the file is fsynced and renamed to ``<name>.h5``.
+3. Only then is the partial folder removed.
+
+So ``<name>.h5`` exists only when complete; rerunning the same extract resumes from the parts.
+The format is specified in docs/cache-format.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featprobe.errors import FeatprobeError
+
+FORMAT_VERSION = 1
+SUFFIX = ".h5"
+PARTIAL_SUFFIX = ".partial"
+_STR = h5py.string_dtype("utf-8")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEATPROBE_CACHE") or "cache")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_attr(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+class FeatureCache:
+    """A complete feature cache, opened read-only.
+
+    Small arrays (``ids``, ``labels``, ``valid``) are read at open; features are read on demand,
+    so opening a 60 GB cache costs nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            partial = self.path.with_suffix(PARTIAL_SUFFIX)
+            if partial.is_dir():
+                raise FeatprobeError(
+                    f"{self.path} is incomplete (an interrupted extract left {partial.name}/); "
+                    "rerun the same `featprobe extract` to finish it"
+                )
+            raise FeatprobeError(f"cache not found: {self.path}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                attrs = dict(f.attrs)
+                self._check(attrs)
+                self.meta = {k: _decode_attr(v) for k, v in attrs.items()}
+                self.ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+                self.labels = f["labels"][()].astype(np.int64)
+                self.classes = json.loads(f["labels"].attrs["classes"])
+                self.valid = f["valid"][()].astype(bool)
+                self.layers = list(self.meta["layers"])
+                self.shapes = {k: f["features"][k].shape for k in self.layers}
+                self.dtypes = {k: f["features"][k].dtype for k in self.layers}
+                bad = f["bad"][()] if "bad" in f else np.empty((0, 2), dtype=object)
+                self.bad = [tuple(_s(x) for x in row) for row in bad]
+        except FeatprobeError:
+            raise
+        except (OSError, KeyError, ValueError) as e:
+            raise FeatprobeError(f"{self.path} is not a readable featprobe cache: {e}") from None
+
+    def _check(self, attrs: dict) -> None:
+        version = attrs.get("format_version")
+        if version is None:
+            raise FeatprobeError(f"{self.path} is not a featprobe cache (no format_version)")
+        if int(version) > FORMAT_VERSION:
+            raise FeatprobeError(
+                f"{self.path} has cache format {int(version)}, newer than this featprobe reads "
+                f"({FORMAT_VERSION}); upgrade featprobe"
+            )
+        if not bool(attrs.get("complete", False)):
+            raise FeatprobeError(f"{self.path} is incomplete; rerun the extract that made it")
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def backbone(self) -> str:
+        return self.meta["backbone"]
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.path)!r}, backbone={self.backbone!r}, n={len(self)})"
+
+    def _layer(self, layer: str | None) -> str:
+        if layer is None:
+            return self.layers[0]
+        if layer not in self.layers:
+            raise FeatprobeError(
+                f"layer {layer!r} is not in {self.path.name}; it has {', '.join(self.layers)}"
+            )
+        return layer
+
+    def features(self, layer: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        """Features of ``layer`` (default: the first) as stored, all rows or the given ones."""
+        layer = self._layer(layer)
+        with h5py.File(self.path, "r") as f:
+            ds = f["features"][layer]
+            if rows is None:
+                return ds[()]
+            rows = np.asarray(rows, dtype=np.int64)
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            if len(uniq) == 0:
+                return np.empty((0, ds.shape[1]), dtype=ds.dtype)
+            # h5py point selection is slow for many rows: past a quarter, read all and index
+            block = ds[()][uniq] if len(uniq) > ds.shape[0] // 4 else ds[uniq]
+            return block[inverse]
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _decode_attr(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class PartialCache:
+    """The in-progress side of a cache: a folder of whole parts, locked by one writer.
+
+    ``manifest.json`` records the configuration and the rows per part, so a resumed run uses the
+    same part boundaries even if ``--batch-size`` changed.
+    """
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.dir = final.with_suffix(PARTIAL_SUFFIX)
+
+    @contextmanager
+    def locked(self, on_wait=None):
+        """Hold the writer lock; a second extract of the same cache waits here."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self
+        finally:
+            os.close(fd)
+
+    def manifest(self, config: dict, part_rows: int, n_rows: int) -> dict:
+        """The existing manifest (which must match ``config``) or a new one."""
+        path = self.dir / "manifest.json"
+        if path.exists():
+            m = json.loads(path.read_text())
+            if m["config"] != config or m["n_rows"] != n_rows:
+                raise FeatprobeError(f"{self.dir} belongs to a different extract; remove it")
+            return m
+        m = {"config": config, "part_rows": int(part_rows), "n_rows": int(n_rows)}
+        _atomic_write(path, json.dumps(m, sort_keys=True, indent=1).encode())
+        return m
+
+    def part_path(self, k: int) -> Path:
+        return self.dir / f"part-{k:06d}.npz"
+
+    def done_parts(self) -> set[int]:
+        out = set()
+        for p in self.dir.glob("part-*.npz"):
+            try:
+                out.add(int(p.stem.split("-")[1]))
+            except ValueError:
+                pass
+        return out
+
+    def write_part(self, k: int, arrays: dict[str, np.ndarray]) -> None:
+        tmp = self.dir / f".part-{k:06d}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.part_path(k))
+
+    def read_part(self, k: int) -> dict[str, np.ndarray]:
+        with np.load(self.part_path(k), allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+
+    def consolidate(self, layers: list[str], ids: list[str], labels: np.ndarray, classes: list,
+                    attrs: dict, dtype: str, n_parts: int) -> Path:
+        """Parts → ``<name>.h5`` (atomically), then remove the partial folder."""
+        for stale in self.final.parent.glob(self.final.name + ".tmp-*"):
+            stale.unlink(missing_ok=True)  # left by a run killed while consolidating
+        tmp = self.final.with_name(f"{self.final.name}.tmp-{os.getpid()}")
+        n = len(ids)
+        valid = np.ones(n, dtype=bool)
+        bad: list[tuple[str, str]] = []
+        digests = {layer: hashlib.sha256() for layer in layers}
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+            lab = f.create_dataset("labels", data=labels.astype(np.int64))
+            lab.attrs["classes"] = _json_attr(classes)
+            datasets = {}
+            for k in range(n_parts):
+                part = self.read_part(k)
+                start = int(part["start"])
+                rows = slice(start, start + len(part["valid"]))
+                valid[rows] = part["valid"]
+                bad += list(zip(part["bad_ids"].tolist(), part["bad_reasons"].tolist()))
+                for layer in layers:
+                    x = part["f_" + layer]
+                    if layer not in datasets:
+                        dim = x.shape[1]
+                        chunk = max(1, min(n, (1 << 20) // (dim * np.dtype(dtype).itemsize)))
+                        datasets[layer] = f.create_dataset(
+                            f"features/{layer}", shape=(n, dim), dtype=dtype, chunks=(chunk, dim)
+                        )
+                    datasets[layer][rows] = x
+                    digests[layer].update(np.ascontiguousarray(x).tobytes())
+            for layer, ds in datasets.items():
+                ds.attrs["sha256"] = digests[layer].hexdigest()
+            f.create_dataset("valid", data=valid)
+            b = f.create_dataset(
+                "bad", data=np.array(bad, dtype=object).reshape(-1, 2), dtype=_STR,
+                maxshape=(None, 2),
+            )
+            b.attrs["columns"] = _json_attr(["id", "reason"])
+            for key, value in attrs.items():
+                f.attrs[key] = _attr_value(value)
+            f.attrs["n_valid"] = int(valid.sum())
+            f.attrs["complete"] = True  # last: a file without it is never read as a cache
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.final)
+        _fsync_dir(self.final.parent)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.final
+
+
+def _attr_value(value):
+    """Plain HDF5 attributes: numbers and strings as they are, anything else as JSON text."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return value
+    if isinstance(value, str):
+        return str(value)  # np.str_ has no HDF5 conversion
+    return _json_attr(value)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_caches(directory: str | os.PathLike | None = None) -> list[dict]:
+    """Complete and incomplete caches in a directory; incomplete ones are never opened as caches."""
+    d = Path(directory) if directory is not None else default_cache_dir()
+    out = []
+    for p in sorted(d.glob("*" + SUFFIX)):
+        try:
+            c = FeatureCache(p)
+            out.append({"path": str(p), "complete": True, "backbone": c.backbone,
+                        "weights": c.meta.get("weights"), "layers": c.layers, "n": len(c),
+                        "n_valid": c.n_valid})
+        except FeatprobeError as e:
+            out.append({"path": str(p), "complete": False, "error": str(e)})
+    for p in sorted(d.glob("*" + PARTIAL_SUFFIX)):
+        if not p.with_suffix(SUFFIX).exists():
+            m = p / "manifest.json"
+            total = None
+            if m.exists():
+                man = json.loads(m.read_text())
+                total = -(-man["n_rows"] // man["part_rows"])
+            done = len(list(p.glob("part-*.npz")))
+            out.append({"path": str(p.with_suffix(SUFFIX)), "complete": False,
+                        "error": f"incomplete: {done}/{total if total else '?'} parts written"})
+    return out

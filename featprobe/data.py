@@ -1,0 +1,249 @@
+"""Labelled image datasets: a CSV of ``image_names,<label>`` plus a folder, or a folder tree.
+
+Everything here runs before any model is built, so that a typo in a column name or a missing
+file costs a second, not an hour of GPU time. The identity of an image is its path relative to
+the image folder (its ``id``); classes are the sorted unique labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featprobe.errors import FeatprobeError
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"
+)
+_IMAGE_COLUMN_GUESSES = ("image_names", "image_name", "image", "filename", "file", "path", "id")
+_SHOW = 5  # offending rows named in an error message
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Image ids (paths relative to ``root``), integer labels and the class list.
+
+    ``labels`` is ``None`` for unlabelled image sets (``predict``); ``classes`` is then empty.
+    """
+
+    root: Path
+    ids: list[str]
+    labels: np.ndarray | None
+    classes: list = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.ids[i]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of ids, labels, classes and each file's size and mtime.
+
+        Size and modification time (as make and rsync use) stand in for the bytes: reading every
+        image twice would double the cost of extraction. Touching or replacing an image changes
+        the fingerprint, so a cache is never silently reused for changed inputs.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(self.classes, sort_keys=True).encode())
+        labels = self.labels if self.labels is not None else np.full(len(self.ids), -1)
+        for i, (image_id, label) in enumerate(zip(self.ids, labels)):
+            st = os.stat(self.path(i))
+            h.update(f"{image_id}\0{int(label)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def _rows(items: list, n: int = _SHOW) -> str:
+    shown = ", ".join(str(x) for x in items[:n])
+    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def _encode_labels(raw: list[str]) -> tuple[np.ndarray, list]:
+    """Map raw labels to class indices; classes sorted, as ints when every label is an int."""
+    values: list = raw
+    try:
+        as_int = [int(v) for v in raw]
+        if all(v == str(i) for v, i in zip(raw, as_int)):
+            values = as_int
+    except ValueError:
+        pass
+    classes = sorted(set(values))
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[v] for v in values], dtype=np.int64), classes
+
+
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict]]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if any((v or "").strip() for v in r.values())]
+            header = list(reader.fieldnames or [])
+    except FileNotFoundError:
+        raise FeatprobeError(f"CSV file not found: {csv_path}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FeatprobeError(f"cannot read CSV {csv_path}: {e}") from None
+    if not header:
+        raise FeatprobeError(f"CSV {csv_path} is empty (no header row)")
+    dupes = sorted({c for c in header if header.count(c) > 1})
+    if dupes:
+        raise FeatprobeError(f"CSV {csv_path} has duplicate column names: {_rows(dupes)}")
+    return header, rows
+
+
+def _pick_columns(
+    header: list[str], csv_path: Path, image_col: str | None, label_col: str | None, labelled: bool
+) -> tuple[str, str | None]:
+    for name, option in ((image_col, "--image-col"), (label_col, "--label-col")):
+        if name is not None and name not in header:
+            raise FeatprobeError(
+                f"CSV {csv_path} has no column {name!r} ({option}); columns are {header}"
+            )
+    if image_col is None:
+        guesses = [c for c in header if c.strip().lower() in _IMAGE_COLUMN_GUESSES]
+        if guesses:
+            image_col = guesses[0]
+        elif len(header) == 2 or (len(header) == 1 and not labelled):
+            image_col = header[0]
+        else:
+            raise FeatprobeError(
+                f"CSV {csv_path} has columns {header}: say which holds image names with --image-col"
+            )
+    if not labelled:
+        return image_col, label_col
+    if label_col is None:
+        others = [c for c in header if c != image_col]
+        if len(others) != 1:
+            raise FeatprobeError(
+                f"CSV {csv_path} has columns {header}: say which holds the labels with --label-col"
+            )
+        label_col = others[0]
+    return image_col, label_col
+
+
+def read_csv_dataset(
+    csv_path: str | Path,
+    images: str | Path | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    labelled: bool = True,
+) -> Dataset:
+    """Read the tutorial format: a CSV with an image-name column and a label column.
+
+    Images are looked up in ``images`` (default: ``images/`` next to the CSV). With exactly two
+    columns they are auto-detected (image names first unless a column is called ``image_names``
+    or similar). With ``labelled=False`` a label column is optional (used by ``predict``).
+    """
+    csv_path = Path(csv_path)
+    root = Path(images) if images is not None else csv_path.parent / "images"
+    header, rows = _read_csv(csv_path)
+    image_col, label_col = _pick_columns(header, csv_path, image_col, label_col, labelled)
+    if not rows:
+        raise FeatprobeError(f"CSV {csv_path} has a header but no rows: nothing to do")
+    ids = [(r.get(image_col) or "").strip() for r in rows]
+    blank = [i + 2 for i, v in enumerate(ids) if not v]
+    if blank:
+        raise FeatprobeError(f"CSV {csv_path}: empty image name on line(s) {_rows(blank)}")
+    labels = classes = None
+    if label_col is not None:
+        raw = [(r.get(label_col) or "").strip() for r in rows]
+        blank = [i + 2 for i, v in enumerate(raw) if not v]
+        if blank:
+            raise FeatprobeError(f"CSV {csv_path}: empty label on line(s) {_rows(blank)}")
+        labels, classes = _encode_labels(raw)
+    if not root.is_dir():
+        raise FeatprobeError(f"image folder not found: {root} (pass --images DIR)")
+    ds = Dataset(root, ids, labels, classes or [], source=str(csv_path))
+    _check(ds)
+    return ds
+
+
+def read_folder_dataset(root: str | Path) -> Dataset:
+    """Read a class-per-folder tree ``root/<class>/<image>`` (as torchvision's ImageFolder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FeatprobeError(f"not a folder: {root}")
+    class_dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    ids, raw = [], []
+    for name in class_dirs:
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
+                    ids.append(os.path.relpath(os.path.join(dirpath, fn), root))
+                    raw.append(name)
+    if not ids:
+        raise FeatprobeError(
+            f"no images found under {root}: expected {root}/<class>/<image> with extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}"
+        )
+    labels, classes = _encode_labels(raw)
+    ds = Dataset(root, ids, labels, classes, source=str(root))
+    _check(ds)
+    return ds
+
+
+def read_image_list(paths: list[str | Path] | str | Path) -> Dataset:
+    """Unlabelled images: a folder (searched recursively) or an explicit list of files."""
+    if isinstance(paths, (str, Path)) and Path(paths).is_dir():
+        root = Path(paths)
+        ids = sorted(
+            os.path.relpath(os.path.join(d, f), root)
+            for d, _, fs in os.walk(root, followlinks=True)
+            for f in fs
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        )
+        if not ids:
+            raise FeatprobeError(f"no images found under {root}")
+    else:
+        files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
+        ids = [os.path.relpath(p.resolve(), root) for p in files]
+    ds = Dataset(root, ids, None, [], source=str(paths))
+    _check(ds)
+    return ds
+
+
+def _check(ds: Dataset) -> None:
+    """Duplicate ids, missing files, empty datasets: one line naming the first offenders."""
+    if not ds.ids:
+        raise FeatprobeError(f"dataset {ds.source} is empty")
+    seen, dupes = set(), []
+    for image_id in ds.ids:
+        if image_id in seen:
+            dupes.append(image_id)
+        seen.add(image_id)
+    if dupes:
+        raise FeatprobeError(f"{ds.source}: duplicate image names: {_rows(sorted(set(dupes)))}")
+    missing = [image_id for i, image_id in enumerate(ds.ids) if not ds.path(i).is_file()]
+    if missing:
+        raise FeatprobeError(
+            f"{len(missing)} of {len(ds.ids)} images not found in {ds.root}: {_rows(missing)}"
+        )
+
+
+def load_dataset(
+    data: str | Path,
+    images: str | Path | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    labelled: bool = True,
+) -> Dataset:
+    """A CSV file (tutorial format) or a class-per-folder tree, decided by what ``data`` is."""
+    p = Path(data)
+    if p.is_dir():
+        if images is not None or image_col is not None or label_col is not None:
+            raise FeatprobeError(
+                "--images/--image-col/--label-col apply to a CSV; "
+                f"{p} is a class-per-folder tree"
+            )
+        return read_folder_dataset(p) if labelled else read_image_list(p)
+    if not p.exists():
+        raise FeatprobeError(f"no such file or folder: {p}")
+    return read_csv_dataset(p, images, image_col, label_col, labelled)

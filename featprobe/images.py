@@ -1,0 +1,75 @@
+"""Image decoding: one swappable stage that turns a file into an RGB image or a reason it can't.
+
+PIL on CPU workers. Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become
+8-bit RGB; EXIF orientation is applied so the model sees the photo as a viewer shows it.
+Truncated, empty and non-image files raise :class:`BadImage` with a short reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from featprobe.data import Dataset
+
+
+class BadImage(Exception):
+    """A file that cannot be decoded as an image; the message is the reason."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB PIL image, or raise :class:`BadImage`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decode now: truncated files fail here, not later
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (or an unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"cannot decode: {e}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(a * (255.0 if a.max() <= 1 else 1.0), 0, 255).astype(np.uint8))
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Rows of a :class:`Dataset` as ``(index, tensor, reason)``; ``reason`` is "" when fine.
+
+    A bad image yields a zero tensor and its reason, so one file never kills a worker; the
+    extraction loop decides (``--on-error``) whether that stops the run or marks the row invalid.
+    """
+
+    def __init__(self, ds: Dataset, transform, size: int):
+        self.ds = ds
+        self.transform = transform
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_rgb(self.ds.path(i))), ""
+        except BadImage as e:
+            return i, torch.zeros(3, self.size, self.size), str(e) or "cannot decode"

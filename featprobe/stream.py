@@ -1,0 +1,162 @@
+"""The streaming loop: DataLoader → frozen model → writer thread → crash-safe parts.
+
+A DataLoader (workers, in order) decodes and preprocesses; the model runs in eval mode under
+``torch.inference_mode()``; each batch's features go to a writer thread that saves them as one
+part (see :mod:`featprobe.cache`), so decoding, the forward pass and disk writes overlap and
+memory stays flat in the number of images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featprobe.backbones import FeatureExtractor, build_model, layer_sources, make_transform
+from featprobe.cache import PartialCache
+from featprobe.errors import FeatprobeError
+from featprobe.images import ImageRows
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FeatprobeError(f"unknown device {device!r}: use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeatprobeError("--device cuda asked for, but torch sees no CUDA GPU here")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU (exact and the reference)."""
+    if precision not in PRECISIONS:
+        raise FeatprobeError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 16
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(16, max(1, cpus - 1)) if device.type == "cuda" else min(2, max(1, cpus // 2))
+
+
+def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, part_rows,
+         todo, workers, progress) -> None:
+    """Compute the missing parts, one crash-safe part per batch."""
+    model = build_model(backbone, choice)
+    sources = layer_sources(backbone, model, layers)
+    extractor = FeatureExtractor(model, sources).to(dev)
+    if dev.type == "cuda" or prec != "fp32":
+        extractor = extractor.to(memory_format=torch.channels_last)
+    rows = ImageRows(ds, make_transform(pre), pre["crop_size"][0])
+    batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
+    n_workers = default_workers(dev) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        rows,
+        batch_sampler=batches,
+        num_workers=n_workers,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if n_workers else None,
+    )
+    writer = _PartWriter(partial)
+    done_rows = len(ds) - sum(len(b) for b in batches)
+    bar = tqdm(total=len(ds), initial=done_rows, unit="img", desc=f"extract {backbone}",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    autocast = (
+        torch.autocast(dev.type, dtype=_AUTOCAST[prec]) if prec in _AUTOCAST
+        else contextlib.nullcontext()
+    )
+    try:
+        with torch.inference_mode(), autocast:
+            for k, (index, x, reasons) in zip(todo, loader):
+                bad = [i for i, r in enumerate(reasons) if r]
+                if bad and on_error == "fail":
+                    i = bad[0]
+                    raise FeatprobeError(
+                        f"cannot read image {ds.ids[int(index[i])]}: {reasons[i]} — fix or remove "
+                        "it, or rerun with --on-error skip (finished batches are kept)"
+                    )
+                x = x.to(dev, non_blocking=True)
+                if dev.type == "cuda" or prec != "fp32":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = extractor(x)
+                arrays = {
+                    "f_" + layer: out[layer].float().cpu().numpy().astype(dtype, copy=False)
+                    for layer in layers
+                }
+                valid = np.array([not r for r in reasons], dtype=bool)
+                for layer in layers:
+                    arrays["f_" + layer][~valid] = 0
+                arrays.update(
+                    start=np.int64(k * part_rows),
+                    valid=valid,
+                    bad_ids=np.array([ds.ids[int(index[i])] for i in bad], dtype=str),
+                    bad_reasons=np.array([reasons[i] for i in bad], dtype=str),
+                )
+                writer.put(k, arrays)
+                bar.update(len(index))
+    finally:
+        bar.close()
+        writer.close()
+    writer.check()
+
+
+class _PartWriter:
+    """Writes parts on a thread so disk I/O overlaps the next forward pass.
+
+    The queue is bounded, so a slow disk slows extraction instead of filling memory.
+    """
+
+    def __init__(self, partial: PartialCache, depth: int = 4):
+        self.partial = partial
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="featprobe-writer")
+        self.thread.start()
+
+    def _loop(self):
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                t = time.perf_counter()
+                try:
+                    self.partial.write_part(*item)
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+                self.seconds += time.perf_counter() - t
+
+    def check(self):
+        if self.error is not None:
+            e = self.error
+            raise FeatprobeError(
+                f"could not write to {self.partial.dir} ({getattr(e, 'strerror', None) or e}); "
+                "finished batches are kept: free space and rerun the same command"
+            )
+
+    def put(self, k: int, arrays: dict) -> None:
+        self.check()
+        self.q.put((k, arrays))
+
+    def close(self) -> None:
+        """Finish writing what is queued (those parts are whole and valid) and stop."""
+        self.q.put(None)
+        self.thread.join()
