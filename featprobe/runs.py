@@ -1,0 +1,225 @@
+"""Run records and the append-only runs log (``runs.jsonl``).
+
+Every fit and baseline run appends one JSON object, on one line, to ``runs.jsonl`` in the
+cache directory; ``compare`` reads them back. The file is only ever appended to, under an
+exclusive ``flock``, so any number of concurrent processes can log to it safely, and
+featprobe never rewrites or truncates it. The record schema is documented in docs/runs.md.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featprobe.errors import FeatprobeError
+
+__all__ = ["RUNS_FILE", "RECORD_FIELDS", "append_run", "compute_metrics", "make_record",
+           "read_runs"]
+
+RUNS_FILE = "runs.jsonl"
+
+# Every record carries all of these keys (None where not applicable); see docs/runs.md.
+RECORD_FIELDS = (
+    "run_id", "time", "kind", "cache", "cache_path", "dataset_fingerprint", "backbone",
+    "weights", "layer", "head", "params", "standardize", "seed", "val_fraction", "split_hash",
+    "n_train", "n_val", "n_invalid", "classes", "train", "val", "fit_seconds", "sweep",
+    "versions",
+)
+KINDS = ("probe", "baseline")
+_BASELINE_DEFAULTS = {"backbone": "cnn", "weights": "none", "layer": "pixels", "head": "cnn"}
+
+
+def compute_metrics(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> dict:
+    """Accuracy, balanced accuracy, macro F1 and the confusion matrix, as plain Python.
+
+    ``confusion_matrix`` has rows = true class, columns = predicted class, both in ``labels``
+    order. ``macro_f1`` averages over the classes present in ``y_true`` or ``y_pred`` (a class
+    absent from both says nothing about the classifier). Empty input gives None metrics.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+    )
+
+    y_true, y_pred, labels = np.asarray(y_true), np.asarray(y_pred), list(labels)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
+    if y_true.size == 0:
+        zeros = [[0] * len(labels) for _ in labels]
+        return {"n": 0, "accuracy": None, "balanced_accuracy": None, "macro_f1": None,
+                "confusion_matrix": zeros}
+    import warnings
+
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true" is expected
+        warnings.simplefilter("ignore", UserWarning)
+        bal = balanced_accuracy_score(y_true, y_pred)
+    return {
+        "n": int(y_true.size),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(bal),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def _dist_version(module: str, dist: str) -> str | None:
+    mod = sys.modules.get(module)
+    if mod is not None and isinstance(getattr(mod, "__version__", None), str):
+        return mod.__version__
+    try:  # no import: asking for torch's version must not cost a second of start-up
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict:
+    from featprobe import __version__
+
+    return {
+        "featprobe": __version__,
+        "torch": _dist_version("torch", "torch"),
+        "torchvision": _dist_version("torchvision", "torchvision"),
+        "sklearn": _dist_version("sklearn", "scikit-learn"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as plain JSON types: numpy scalars/arrays unwrapped, NaN/inf as None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _plain(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"run record value {obj!r} of type {type(obj).__name__} is not JSON")
+
+
+def make_record(**fields: Any) -> dict:
+    """A run record: every schema field present (None if not given), plus any extras.
+
+    Fills ``run_id`` (uuid4 hex), ``time`` (UTC ISO-8601) and ``versions``; a ``kind`` of
+    ``"baseline"`` defaults backbone/weights/layer/head to cnn/none/pixels/cnn. Values are
+    converted to plain JSON types (numpy unwrapped, NaN -> None).
+    """
+    kind = fields.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    record.update(
+        run_id=uuid.uuid4().hex,
+        time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        params={},
+        versions=dict(_versions()),
+    )
+    if kind == "baseline":
+        record.update(_BASELINE_DEFAULTS)
+    record.update(fields)
+    return _plain(record)
+
+
+def _runs_path(directory_or_file: str | os.PathLike) -> Path:
+    path = Path(directory_or_file)
+    return path if path.suffix == ".jsonl" else path / RUNS_FILE
+
+
+def append_run(directory: str | os.PathLike, record: dict) -> Path:
+    """Append ``record`` as one JSON line to ``<directory>/runs.jsonl``; return that path.
+
+    Safe with many concurrent writers: O_APPEND, an exclusive flock around one write,
+    fsync. If the file ends in a partial line (a writer killed mid-write) a newline is written
+    first, so the new record stays intact and only the damaged line is reported by read_runs.
+    """
+    path = _runs_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_plain(record), ensure_ascii=False, allow_nan=False) + "\n"
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            written = os.write(fd, data)
+            while written < len(data):  # short writes only on odd filesystems; still locked
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as exc:
+        raise FeatprobeError(f"cannot append to {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
+    """All records in a runs log (a directory holding runs.jsonl, or the file itself).
+
+    A missing file is an empty log. A line that is not a JSON object -- including a final
+    line cut short by a writer killed mid-write -- raises FeatprobeError naming the file and
+    line number; featprobe never repairs the file itself. Blank lines are ignored.
+    """
+    path = _runs_path(directory_or_file)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise FeatprobeError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # never see a line half-written by append_run
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            raw = fh.read()
+    finally:
+        os.close(fd)  # closing releases the lock
+
+    lines = raw.split(b"\n")
+    unterminated = lines[-1] != b""  # the last line has no trailing newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            if unterminated and number == len(lines):
+                why = f"incomplete last line, probably a writer killed mid-write ({why})"
+            raise FeatprobeError(
+                f"{where}: corrupted run record: {why}; fix or delete that line by hand"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise FeatprobeError(
+                f"{where}: corrupted run record: a JSON {type(obj).__name__}, not an object; "
+                "fix or delete that line by hand"
+            )
+        records.append(obj)
+    return records
