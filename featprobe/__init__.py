@@ -16,13 +16,13 @@ from featprobe.errors import FeatprobeError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract": ("featprobe.extract", "extract"),
+    "extract": ("featprobe.extraction", "extract"),
     "FeatureCache": ("featprobe.cache", "FeatureCache"),
     "load_dataset": ("featprobe.data", "load_dataset"),
     "split": ("featprobe.split", "split"),
     "fit": ("featprobe.fit", "fit"),
     "baseline": ("featprobe.baseline", "baseline"),
-    "compare": ("featprobe.compare", "compare"),
+    "compare": ("featprobe.comparison", "compare"),
     "predict": ("featprobe.predict", "predict"),
     "heads": ("featprobe.heads", None),
 }

@@ -87,7 +87,7 @@ def extract(data, images, image_col, label_col, backbone, weights, layers, cache
     rerunning the same command returns the finished cache at once, and an interrupted run
     resumes where it stopped. The cache's path is printed last on stdout.
     """
-    from featprobe.extract import extract as run
+    from featprobe.extraction import extract as run
 
     cache = run(data, images=images, backbone=backbone, weights=weights, layers=_csv_list(layers),
                 cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers,

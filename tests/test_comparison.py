@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featprobe.compare import compare, format_table, plot
+from featprobe.comparison import compare, format_table, plot
 from featprobe.errors import FeatprobeError
 from featprobe.runs import append_run, make_record
 

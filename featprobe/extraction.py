@@ -128,7 +128,11 @@ def _stream(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, parti
     if batch_size and batch_size != part_rows:
         print(f"resuming with the batch size this cache began with ({part_rows})", file=sys.stderr)
     n_parts = -(-len(ds) // part_rows)
-    todo = [k for k in range(n_parts) if k not in partial.done_parts()]
+    done = partial.done_parts()
+    todo = [k for k in range(n_parts) if k not in done]
+    if done:
+        print(f"resuming {partial.final.name}: {n_parts - len(todo)}/{n_parts} batches already "
+              "done", file=sys.stderr)
     if todo:
         run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
                   part_rows, todo, workers, progress)

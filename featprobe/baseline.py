@@ -1,0 +1,290 @@
+"""The end-to-end benchmark: a small CNN trained from pixels on the same split as every head.
+
+Frozen features are only worth caching if they beat a network trained on the images
+themselves. This is the tutorial's "simple CNN" (two conv blocks and one dense layer; about
+76% val accuracy there, against about 83% for VGG16 features), trained with Adam and
+cross-entropy on the rows :func:`featprobe.split.split` puts in train, and scored on its val
+rows, so its record sits next to the heads' records in ``runs.jsonl``.
+
+Each image is decoded once per run (DataLoader workers, PIL) into an in-memory uint8 tensor
+``N x 3 x S x S``; training reads batches from memory. See docs/baseline.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from featprobe.cache import default_cache_dir
+from featprobe.data import Dataset, load_dataset
+from featprobe.errors import FeatprobeError
+from featprobe.images import BadImage, load_rgb
+from featprobe.runs import append_run, compute_metrics, make_record
+from featprobe.split import split
+from featprobe.stream import resolve_device
+
+__all__ = ["BASELINE_DEFAULTS", "CHANNELS", "SmallCNN", "architecture", "baseline"]
+
+# What `baseline()` uses when an argument is left out (the CLI shows these).
+BASELINE_DEFAULTS = {
+    "image_size": 224,
+    "epochs": 15,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "seed": 0,
+    "val_fraction": 0.1,
+    "device": "auto",
+    "workers": None,
+}
+CHANNELS = (25, 50)  # output channels of the two conv blocks
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SHOW = 5  # unreadable files named in an error message
+
+
+def SmallCNN(
+    n_classes: int, image_size: int, channels: tuple[int, int] = CHANNELS
+) -> nn.Sequential:
+    """The benchmark network: 2 x (conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2) -> Linear.
+
+    Padding 1 keeps the size through each conv; each pool halves it (rounding down), so the
+    dense layer sees ``channels[1] * (image_size // 4) ** 2`` values.
+    """
+    if image_size < 4:
+        raise FeatprobeError(f"image_size must be at least 4, got {image_size}")
+    c1, c2 = channels
+    side = image_size // 2 // 2
+    return nn.Sequential(
+        nn.Conv2d(3, c1, kernel_size=3, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(c1, c2, kernel_size=3, padding=1),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(c2 * side * side, n_classes),
+    )
+
+
+def architecture(n_classes: int, image_size: int, channels: tuple[int, int] = CHANNELS) -> str:
+    """A one-line summary of :func:`SmallCNN` for the run record's ``params``."""
+    c1, c2 = channels
+    side = image_size // 2 // 2
+    return (
+        f"conv3x3(3->{c1})-bn-relu-maxpool2, conv3x3({c1}->{c2})-bn-relu-maxpool2, "
+        f"linear({c2}*{side}*{side}->{n_classes})"
+    )
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Rows as ``(index, uint8 tensor 3 x S x S, reason)``; a bad file gives zeros and a reason."""
+
+    def __init__(self, ds: Dataset, image_size: int):
+        self.ds = ds
+        self.size = image_size
+        self.transform = v2.Compose([
+            v2.Resize((image_size, image_size), antialias=True),  # bilinear, on the PIL image
+            v2.PILToTensor(),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_rgb(self.ds.path(i))), ""
+        except BadImage as e:
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e) or "?"
+
+
+def _workers(workers: int | None) -> int:
+    if workers is not None:
+        return max(0, int(workers))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(16, cpus or 1)  # nothing else runs while decoding: use every core
+
+
+def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -> torch.Tensor:
+    """Every image of ``ds``, resized, as one uint8 tensor ``N x 3 x S x S``.
+
+    Raises FeatprobeError naming the unreadable files: the baseline has no skip mode.
+    """
+    n_workers = _workers(workers)
+    loader = torch.utils.data.DataLoader(
+        _Pixels(ds, image_size), batch_size=32, shuffle=False, num_workers=n_workers,
+        prefetch_factor=4 if n_workers else None,
+    )
+    pixels = torch.empty(len(ds), 3, image_size, image_size, dtype=torch.uint8)
+    bad: list[str] = []
+    with tqdm(total=len(ds), unit="img", desc="baseline: decode", disable=not progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for index, x, reasons in loader:
+            pixels[index] = x
+            bad += [f"{ds.path(int(i))} ({r})" for i, r in zip(index, reasons) if r]
+            bar.update(len(index))
+    if bad:
+        shown = "; ".join(bad[:_SHOW]) + (f"; and {len(bad) - _SHOW} more" if len(bad) > _SHOW
+                                          else "")
+        raise FeatprobeError(
+            f"cannot read {len(bad)} image(s): {shown} -- the baseline has no skip mode: "
+            "fix or remove them from the dataset"
+        )
+    return pixels
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> [0, 1] floats -> ImageNet mean/std (batched, on whatever device)."""
+    x = v2.functional.to_dtype(x, torch.float32, scale=True)
+    return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _train(model: nn.Module, pixels: torch.Tensor, y: torch.Tensor, rows: np.ndarray,
+           epochs: int, batch_size: int, lr: float, seed: int, dev: torch.device,
+           progress: bool) -> list[float]:
+    """Adam + cross-entropy over ``rows``, shuffled by a seeded generator; mean loss per epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    rows_t = torch.tensor(rows, dtype=torch.int64)  # a copy: Split's arrays are read-only
+    losses = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = rows_t[torch.randperm(len(rows_t), generator=gen)]
+        total, seen = 0.0, 0
+        bar = tqdm(range(0, len(order), batch_size), desc=f"baseline: epoch {epoch}/{epochs}",
+                   unit="batch", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for start in bar:
+            idx = order[start:start + batch_size]
+            xb = _normalise(pixels[idx].to(dev, non_blocking=True))
+            yb = y[idx].to(dev, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        losses.append(total / max(seen, 1))
+    return losses
+
+
+def _predict(model: nn.Module, pixels: torch.Tensor, rows: np.ndarray, dev: torch.device,
+             batch_size: int) -> np.ndarray:
+    """Predicted class indices for ``rows``, in eval mode (BatchNorm uses running stats)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
+            logits = model(_normalise(pixels[idx].to(dev, non_blocking=True)))
+            out.append(logits.argmax(1).cpu())
+    return torch.cat(out).numpy() if out else np.empty(0, dtype=np.int64)
+
+
+def _check_args(image_size, epochs, batch_size, lr) -> None:
+    for name, value, low in (("image_size", image_size, 4), ("epochs", epochs, 1),
+                             ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise FeatprobeError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise FeatprobeError(f"lr must be a positive number, got {lr!r}")
+
+
+def baseline(
+    data: str | Path,
+    images: str | Path | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    image_size: int = 224,
+    epochs: int = 15,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    cache_dir: str | Path | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the small CNN from pixels on the shared split; append and return its run record.
+
+    ``data``/``images``/``image_col``/``label_col`` are as for :func:`featprobe.data.load_dataset`.
+    The split is ``split(ids, labels, val_fraction, seed)``, the same rows every head on this
+    dataset trains and scores on. ``seed`` also seeds the weights' initialisation (without
+    touching torch's global RNG) and the batch order. ``workers`` decode the images (default:
+    one per CPU core, up to 16). ``device="auto"`` uses CUDA when torch sees a GPU. The record
+    goes to ``<cache_dir>/runs.jsonl`` (default: $FEATPROBE_CACHE, else ``cache``).
+    """
+    _check_args(image_size, epochs, batch_size, lr)
+    ds = load_dataset(data, images, image_col, label_col)
+    s = split(ds.ids, ds.labels, val_fraction=val_fraction, seed=seed)
+    dev = resolve_device(device)
+    n_classes = len(ds.classes)
+
+    t0 = time.perf_counter()
+    pixels = _decode(ds, image_size, workers, progress)
+    decode_seconds = time.perf_counter() - t0
+    if dev.type == "cuda":
+        pixels = pixels.pin_memory()
+    y = torch.as_tensor(ds.labels, dtype=torch.int64)
+
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.default_generator.manual_seed(seed)  # the model is built on the CPU
+        model = SmallCNN(n_classes, image_size)
+    model = model.to(dev)
+
+    t0 = time.perf_counter()
+    losses = _train(model, pixels, y, s.train, epochs, batch_size, lr, seed, dev, progress)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    fit_seconds = time.perf_counter() - t0
+
+    labels = list(range(n_classes))
+    y_np = ds.labels
+    train_metrics = compute_metrics(y_np[s.train], _predict(model, pixels, s.train, dev,
+                                                            batch_size), labels)
+    val_metrics = compute_metrics(y_np[s.val], _predict(model, pixels, s.val, dev, batch_size),
+                                  labels)
+    majority = int(np.bincount(y_np[s.train], minlength=n_classes).argmax())
+
+    record = make_record(
+        kind="baseline",
+        cache=None,
+        cache_path=None,
+        dataset_fingerprint=ds.fingerprint(),
+        params={
+            "image_size": image_size,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "optimizer": "adam",
+            "architecture": architecture(n_classes, image_size),
+            "device": dev.type,
+        },
+        standardize=False,
+        seed=seed,
+        val_fraction=val_fraction,
+        split_hash=s.hash,
+        n_train=len(s.train),
+        n_val=len(s.val),
+        n_invalid=0,
+        classes=ds.classes,
+        train=train_metrics,
+        val=val_metrics,
+        fit_seconds=fit_seconds,
+        majority_rate=float(np.mean(y_np[s.val] == majority)),
+        decode_seconds=decode_seconds,
+        epoch_losses=losses,
+    )
+    append_run(default_cache_dir() if cache_dir is None else cache_dir, record)
+    return record

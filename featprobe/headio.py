@@ -1,0 +1,331 @@
+"""Save and load fitted heads as plain arrays plus JSON: one ``.npz`` file, no pickle.
+
+Layout of a head file (an ordinary ``np.savez`` archive, readable with
+``np.load(path, allow_pickle=False)``):
+
+- ``__meta__``: 0-d unicode array, JSON object: ``format_version``, ``featprobe_version``,
+  ``head`` (registry name), ``estimator_class``, ``standardize``, ``params`` (as
+  :func:`featprobe.heads.head_params`), ``library_versions``, plus the caller's keys (classes,
+  layer, backbone, weights, preprocessing, ...).
+- ``__state__``: 0-d unicode array, JSON object describing how to rebuild the estimator:
+  for each step its class (from an allow-list), ``get_params()`` and every fitted attribute,
+  either inline JSON or the name of an array in the archive (``s<step>.<attribute>``).
+
+Only classes in :data:`ALLOWED_CLASSES` are ever constructed; a class name read from a file
+is looked up there, never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.validation import check_is_fitted
+
+from featprobe import __version__
+from featprobe.errors import FeatprobeError
+from featprobe.heads import LinearHead, MLPHead, head_name, head_params
+
+__all__ = ["ALLOWED_CLASSES", "FORMAT_VERSION", "load_head", "save_head"]
+
+FORMAT_VERSION = 1
+
+ALLOWED_CLASSES: dict[str, type] = {
+    "featprobe.heads.LinearHead": LinearHead,
+    "featprobe.heads.MLPHead": MLPHead,
+    "sklearn.linear_model.LogisticRegression": LogisticRegression,
+    "sklearn.svm.LinearSVC": LinearSVC,
+    "sklearn.svm.SVC": SVC,
+    "sklearn.preprocessing.StandardScaler": StandardScaler,
+    "sklearn.pipeline.Pipeline": Pipeline,
+}
+_CLASS_NAMES = {cls: name for name, cls in ALLOWED_CLASSES.items()}
+_RESERVED = (
+    "format_version",
+    "featprobe_version",
+    "head",
+    "estimator_class",
+    "standardize",
+    "params",
+    "library_versions",
+)
+_JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+def _class_name(est: Any) -> str:
+    name = _CLASS_NAMES.get(type(est))
+    if name is None:
+        raise FeatprobeError(f"cannot save a {type(est).__name__}: not a known head class")
+    return name
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
+
+
+def _encode_params(est: BaseEstimator, skip: tuple[str, ...] = ()) -> dict:
+    params = {}
+    for k, v in est.get_params(deep=False).items():
+        if k in skip:
+            continue
+        v = v.item() if isinstance(v, np.generic) else v
+        try:
+            ok = json.loads(json.dumps(v)) == v
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise FeatprobeError(
+                f"cannot save {type(est).__name__}: parameter {k}={v!r} is not plain JSON"
+            )
+        params[k] = v
+    return params
+
+
+def _encode_value(name: str, v: Any, key: str, arrays: dict) -> dict:
+    """One fitted attribute → a JSON record; arrays go to ``arrays`` under ``key``."""
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind == "O":
+            if not all(isinstance(x, str) for x in v.flat):
+                raise FeatprobeError(f"cannot save attribute {name}: object array of non-strings")
+            arrays[key] = v.astype(str)
+            return {"array": key, "object": True}
+        if v.dtype.kind not in "biufcUS":
+            raise FeatprobeError(f"cannot save attribute {name}: dtype {v.dtype}")
+        arrays[key] = v
+        return {"array": key}
+    if isinstance(v, np.generic):  # keep the exact dtype (e.g. float64 _gamma of SVC)
+        arrays[key] = np.asarray(v)
+        return {"scalar": key}
+    if isinstance(v, _JSON_SCALARS):
+        return {"json": v}
+    if isinstance(v, (list, tuple)):
+        tup = isinstance(v, tuple)
+        if all(isinstance(x, _JSON_SCALARS) for x in v):
+            return {"json": list(v), "tuple": tup}
+        items = [_encode_value(name, x, f"{key}.{i}", arrays) for i, x in enumerate(v)]
+        return {"list": items, "tuple": tup}
+    raise FeatprobeError(f"cannot save attribute {name}: unsupported type {type(v).__name__}")
+
+
+def _encode_estimator(est: BaseEstimator, index: int, arrays: dict) -> dict:
+    params = _encode_params(est)
+    attrs = {
+        k: _encode_value(k, v, f"s{index}.{k}", arrays)
+        for k, v in vars(est).items()
+        if k not in params
+    }
+    return {"class": _class_name(est), "params": params, "attrs": attrs}
+
+
+def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> Path:
+    """Write a fitted head (or ``Pipeline(StandardScaler, head)``) to one ``.npz`` file.
+
+    The file is written under a temporary name in the same directory and renamed into
+    place, so a crash never leaves a partial file at ``path``.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination, used as given (conventionally ``*.npz``).
+    estimator : estimator
+        A fitted registered head, or a pipeline of allowed steps ending in one.
+    meta : dict
+        JSON-able facts to keep with the head (classes, layer, backbone, weights,
+        preprocessing, ...). Stored alongside featprobe's own keys, which it may not
+        contradict.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    path = Path(path)
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError as e:
+        raise FeatprobeError(f"cannot save an unfitted {type(estimator).__name__}") from e
+    except TypeError as e:
+        raise FeatprobeError(f"cannot save a {type(estimator).__name__}: not an estimator") from e
+
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(estimator, Pipeline):
+        steps = [s for _, s in estimator.steps]
+        state = {
+            "pipeline": {
+                "names": [n for n, _ in estimator.steps],
+                "params": _encode_params(estimator, skip=("steps",)),
+            }
+        }
+    else:
+        steps, state = [estimator], {"pipeline": None}
+    _class_name(estimator)
+    state["steps"] = [_encode_estimator(s, i, arrays) for i, s in enumerate(steps)]
+
+    own = {
+        "format_version": FORMAT_VERSION,
+        "featprobe_version": __version__,
+        "head": head_name(estimator),
+        "estimator_class": _class_name(estimator),
+        "standardize": any(isinstance(s, StandardScaler) for s in steps[:-1]),
+        "params": head_params(estimator),
+        "library_versions": {
+            "scikit-learn": sklearn.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+    }
+    try:
+        theirs = json.loads(json.dumps(dict(meta), default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise FeatprobeError(f"head metadata is not JSON-serialisable: {e}") from e
+    for k in _RESERVED:
+        if k in theirs and theirs[k] != own[k]:
+            raise FeatprobeError(f"head metadata key {k!r} is reserved (featprobe sets it)")
+    arrays["__meta__"] = np.array(json.dumps({**theirs, **own}))
+    arrays["__state__"] = np.array(json.dumps(state))
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FeatprobeError(f"cannot write head file {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def _decode_value(rec: dict, npz, where: str) -> Any:
+    def array(key):
+        if key not in npz.files:
+            raise FeatprobeError(f"{where}: array {key!r} is missing")
+        return npz[key]
+
+    if "array" in rec:
+        a = array(rec["array"])
+        return a.astype(object) if rec.get("object") else a
+    if "scalar" in rec:
+        return array(rec["scalar"])[()]
+    if "list" in rec:
+        out = [_decode_value(r, npz, where) for r in rec["list"]]
+        return tuple(out) if rec.get("tuple") else out
+    if "json" in rec:
+        v = rec["json"]
+        return tuple(v) if rec.get("tuple") else v
+    raise FeatprobeError(f"{where}: unrecognised attribute record {sorted(rec)}")
+
+
+def _build(cls_name: str, params: dict, where: str):
+    cls = ALLOWED_CLASSES.get(cls_name)
+    if cls is None:
+        raise FeatprobeError(f"{where}: class {cls_name!r} is not one featprobe loads")
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise FeatprobeError(f"{where}: cannot rebuild {cls_name}: {e}") from e
+
+
+def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
+    """Read a head written by :func:`save_head`.
+
+    Returns
+    -------
+    estimator : estimator
+        The fitted head (or pipeline), predicting exactly as the saved one did.
+    meta : dict
+        featprobe's keys (``format_version``, ``head``, ``params``, ...) and the caller's.
+
+    Raises
+    ------
+    FeatprobeError
+        Missing file, not an ``.npz``, not a head file, written by a newer format, or
+        naming a class outside :data:`ALLOWED_CLASSES`.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise FeatprobeError(f"no head file at {path}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:  # zipfile, numpy format and pickle refusals all land here
+        raise FeatprobeError(f"{where} is not a featprobe head file (unreadable: {e})") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise FeatprobeError(f"{where} is not a featprobe head file (a .npy, not an .npz)")
+    with npz:
+        try:
+            meta = json.loads(str(npz["__meta__"][()]))
+            state = json.loads(str(npz["__state__"][()]))
+            version = meta["format_version"]
+            steps = state["steps"]
+            pipeline = state["pipeline"]
+        except KeyError as e:
+            raise FeatprobeError(f"{where} is not a featprobe head file (missing {e})") from e
+        except (ValueError, TypeError) as e:
+            raise FeatprobeError(f"{where} is not a featprobe head file (bad metadata)") from e
+        if not isinstance(version, int) or version < 1:
+            raise FeatprobeError(f"{where}: bad format_version {version!r}")
+        if version > FORMAT_VERSION:
+            raise FeatprobeError(
+                f"{where} has head format_version {version}; this featprobe reads up to "
+                f"{FORMAT_VERSION}: upgrade featprobe"
+            )
+        try:
+            built = []
+            for rec in steps:
+                est = _build(rec["class"], rec["params"], where)
+                for k, attr in rec["attrs"].items():
+                    setattr(est, k, _decode_value(attr, npz, where))
+                built.append(est)
+            if pipeline is None:
+                if len(built) != 1:
+                    raise FeatprobeError(f"{where}: expected one estimator, found {len(built)}")
+                estimator = built[0]
+            else:
+                steps = list(zip(pipeline["names"], built, strict=True))
+                estimator = _build(
+                    "sklearn.pipeline.Pipeline", {**pipeline["params"], "steps": steps}, where
+                )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FeatprobeError(f"{where}: corrupt head state ({type(e).__name__}: {e})") from e
+
+    saved = meta.get("library_versions", {}).get("scikit-learn")
+    if saved and saved != sklearn.__version__:
+        warnings.warn(
+            f"{where} was saved with scikit-learn {saved}, loading with {sklearn.__version__}; "
+            "predictions of scikit-learn heads may differ",
+            UserWarning,
+            stacklevel=2,
+        )
+    return estimator, meta

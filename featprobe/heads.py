@@ -1,0 +1,846 @@
+"""Heads: the classifiers fitted on cached features, and the one registry that names them.
+
+Every head is a scikit-learn estimator, so pipelines, ``clone``, ``GridSearchCV`` and
+``cross_val_score`` work on all of them. Two are torch models written here:
+
+- :class:`LinearHead`: one linear layer (``nn.Linear(D, C)``) trained with AdamW and
+  cross-entropy on minibatches;
+- :class:`MLPHead`: the VGG-style classifier head, Linear → ReLU → Dropout → Linear.
+
+Both share one training loop (:class:`_TorchHead`). The loop holds ``G`` stacked copies of
+the weights, each with its own learning rate and weight decay, which is how
+:func:`sweep_linear` trains a whole lr × weight-decay grid in one pass over the features:
+a ``LinearHead`` fit is the same loop with ``G = 1``.
+
+Cached features are float16. They are gathered and converted to float32 a slice of a
+minibatch at a time into reused buffers; the whole matrix is never copied to float32 or
+float64. On CPU, the linear head's forward and backward run on each slice while it is still
+in cache (the cost of a step is memory traffic, not arithmetic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from featprobe.errors import FeatprobeError
+
+__all__ = [
+    "HEADS",
+    "HeadSpec",
+    "LinearHead",
+    "MLPHead",
+    "SweepResult",
+    "head_name",
+    "head_params",
+    "list_heads",
+    "make_head",
+    "sweep_linear",
+    "sweep_logreg",
+]
+
+# On CPU a minibatch is processed in slices of about this many float32 bytes, so that the
+# converted rows are still in cache for the backward matmul (measured: 4 MiB ≈ best).
+_SLICE_BYTES = 4 << 20
+# Inference converts at most this many bytes of rows at a time.
+_PREDICT_BYTES = 64 << 20
+_BETAS = (0.9, 0.999)
+_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else must name a usable device."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _seed(random_state: int | None) -> int:
+    if random_state is None:  # fresh entropy, without touching any global RNG
+        return int(np.random.SeedSequence().entropy % (2**63))
+    return int(random_state)
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy view of a numpy array; read-only arrays (memmaps) are fine, we never write."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(a)
+
+
+def _check_finite_rows(X: np.ndarray) -> None:
+    """Slow, exact scan; only run once training has already produced a non-finite loss."""
+    Xt = _as_tensor(X)
+    step = max(1, _PREDICT_BYTES // (4 * max(1, X.shape[1])))
+    for s in range(0, X.shape[0], step):
+        if not bool(torch.isfinite(Xt[s : s + step]).all()):
+            raise ValueError("Input X contains NaN or infinity.")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+class _Feeder:
+    """Gathers minibatch rows into reused float32 buffers (float16 rows converted on the way).
+
+    Reusing the buffers matters: a fresh 10 MB tensor per step costs page faults comparable
+    to the step itself.
+    """
+
+    def __init__(self, X: np.ndarray, y_idx: np.ndarray, n_classes: int, rows: int, device):
+        self.X = _as_tensor(X)
+        if device.type != "cpu":  # one transfer, in the stored dtype (float16 stays float16)
+            self.X = self.X.to(device)
+        self.onehot = torch.nn.functional.one_hot(
+            torch.as_tensor(y_idx, dtype=torch.long), n_classes
+        ).to(device=device, dtype=torch.float32)
+        d = X.shape[1]
+        self._f32 = torch.empty(rows, d, dtype=torch.float32, device=device)
+        self._raw = (
+            None
+            if self.X.dtype == torch.float32
+            else torch.empty(rows, d, dtype=self.X.dtype, device=device)
+        )
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        k = idx.shape[0]
+        out = self._f32[:k]
+        if self._raw is None:
+            torch.index_select(self.X, 0, idx, out=out)
+        else:
+            raw = self._raw[:k]
+            torch.index_select(self.X, 0, idx, out=raw)
+            out.copy_(raw)
+        return out
+
+
+class _AdamW:
+    """Adam / AdamW over ``G`` stacked heads, each with its own lr and weight decay.
+
+    Every weight tensor has the head index as its first dimension; ``lr`` and ``wd`` are
+    ``[G]`` tensors broadcast over the rest. Same update as ``torch.optim.AdamW`` (``Adam``
+    with L2 when ``decoupled=False``).
+    """
+
+    def __init__(self, weights, lrs, wds, decayed, decoupled: bool):
+        self.weights, self.decoupled, self.t = weights, decoupled, 0
+        self.m = [torch.zeros_like(w) for w in weights]
+        self.v = [torch.zeros_like(w) for w in weights]
+        dev = weights[0].device
+        lr = torch.tensor(lrs, dtype=torch.float32, device=dev)
+        wd = torch.tensor(wds, dtype=torch.float32, device=dev)
+        self.lr = [lr.view(-1, *[1] * (w.ndim - 1)) for w in weights]
+        self.wd = [
+            wd.view(-1, *[1] * (w.ndim - 1)) if d else None for w, d in zip(weights, decayed)
+        ]
+        self.shrink = [None if d is None else 1 - lr_ * d for lr_, d in zip(self.lr, self.wd)]
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        self.t += 1
+        b1, b2 = _BETAS
+        bc1, bc2_sqrt = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
+        for w, g, m, v, lr, wd, shrink in zip(
+            self.weights, grads, self.m, self.v, self.lr, self.wd, self.shrink
+        ):
+            if wd is not None:
+                if self.decoupled:
+                    w.mul_(shrink)
+                else:
+                    g.addcmul_(w, wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = v.sqrt().div_(bc2_sqrt).add_(_EPS)
+            w.addcdiv_(m * (lr / bc1), denom, value=-1.0)
+
+
+# --------------------------------------------------------------------------- torch heads
+
+
+class _TorchHead(ClassifierMixin, BaseEstimator):
+    """Validation, the training loop and inference shared by the torch heads.
+
+    Subclasses say what the weights are (``_init_weights``, ``_weights``, ``_set_weights``),
+    how one slice of a minibatch adds to the loss and gradients (``_accumulate``) and the
+    inference forward (``_forward``). Weights carry a leading head dimension ``G``.
+    """
+
+    _decayed: tuple[bool, ...] = ()  # which weights get weight decay (matrices, not biases)
+    _slice_rows_on_cpu = False  # process minibatches in cache-sized slices on CPU
+
+    # ----- parameters and input
+
+    def _check_params(self) -> None:
+        def pos_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+
+        def real(name, low, low_open):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < low or (low_open and v == low):
+                raise ValueError(
+                    f"{name} must be a number {'>' if low_open else '>='} {low}; got {v!r}"
+                )
+
+        pos_int("epochs")
+        pos_int("batch_size")
+        real("lr", 0, True)
+        real("weight_decay", 0, False)
+        rs = self.random_state
+        if rs is not None and (
+            not isinstance(rs, numbers.Integral) or isinstance(rs, bool) or rs < 0
+        ):
+            raise ValueError(f"random_state must be a non-negative integer or None; got {rs!r}")
+        _resolve_device(self.device)
+
+    def _validate_X(self, X, reset: bool):
+        return validate_data(
+            self,
+            X,
+            reset=reset,
+            dtype=[np.float32, np.float16],
+            order="C",
+            ensure_all_finite=False,  # checked for free by the loss / logits (see fit)
+        )
+
+    def _validate_fit(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """Validate X, y and set ``classes_``, ``n_features_in_``; return X and class indices."""
+        self._check_params()
+        X, y = validate_data(
+            self, X, y, dtype=[np.float32, np.float16], order="C", ensure_all_finite=False
+        )
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
+                f"({self.classes_[0]!r})"
+            )
+        return X, y_idx
+
+    # ----- training
+
+    def _decoupled(self) -> bool:
+        return True
+
+    def _train(
+        self, X: np.ndarray, y_idx: np.ndarray, lrs: Sequence[float], wds: Sequence[float]
+    ) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Train ``len(lrs)`` heads side by side on the same minibatches.
+
+        Returns the CPU weights (leading dim = head) and the per-epoch mean training loss,
+        ``[epochs, G]``. Head ``g`` gets exactly what a lone fit with ``lrs[g], wds[g]``
+        would: same init, same minibatch order, same update.
+        """
+        device = _resolve_device(self.device)
+        n, d = X.shape
+        n_classes, n_heads = len(self.classes_), len(lrs)
+        gen = torch.Generator().manual_seed(_seed(self.random_state))  # CPU: same on any device
+        weights = [w.to(device) for w in self._init_weights(d, n_classes, n_heads, gen)]
+        dropout_gen = torch.Generator(device=device)
+        dropout_gen.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+        opt = _AdamW(weights, lrs, wds, self._decayed, decoupled=self._decoupled())
+        grads = [torch.zeros_like(w) for w in weights]
+
+        bs = min(self.batch_size, n)
+        slice_rows = bs
+        if self._slice_rows_on_cpu and device.type == "cpu":
+            slice_rows = min(bs, max(8, _SLICE_BYTES // (4 * d)))
+        feeder = _Feeder(X, y_idx, n_classes, slice_rows, device)
+
+        curve = torch.zeros(self.epochs, n_heads, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for epoch in range(self.epochs):
+                perm = torch.randperm(n, generator=gen).to(device)
+                for idx in perm.split(bs):
+                    for g in grads:
+                        g.zero_()
+                    for part in idx.split(slice_rows):
+                        loss = self._accumulate(
+                            weights, feeder.rows(part), feeder.onehot[part], grads, dropout_gen
+                        )
+                        curve[epoch] += loss
+                    for g in grads:
+                        g.div_(idx.shape[0])
+                    opt.step(grads)
+                if epoch == 0 and not bool(torch.isfinite(curve[0]).all()):
+                    _check_finite_rows(X)  # raises if X is the culprit; else a head diverged
+        curve = (curve / n).cpu().numpy()
+        if not np.isfinite(curve[-1]).all():
+            warnings.warn(
+                f"{type(self).__name__}: training diverged (loss is not finite); lower lr",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return [w.cpu() for w in weights], curve
+
+    def _init_weights(self, n_features, n_classes, n_heads, gen) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _accumulate(self, weights, x, onehot, grads, dropout_gen) -> torch.Tensor:
+        """Add this slice's summed loss gradients to ``grads``; return its summed loss [G]."""
+        raise NotImplementedError
+
+    def _set_weights(self, weights: Sequence[torch.Tensor]) -> None:
+        """Store one head's weights (no head dim) as numpy learned attributes."""
+        raise NotImplementedError
+
+    def _weights(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _forward(self, weights, x) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fit(self, X, y):
+        """Fit the head.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features; float16 and float32 are used as they are (no full copy), anything else
+            is converted to float32.
+        y : array-like of shape (n_samples,)
+            Class labels, ints or strings.
+
+        Returns
+        -------
+        self
+        """
+        X, y_idx = self._validate_fit(X, y)
+        weights, curve = self._train(X, y_idx, [float(self.lr)], [float(self.weight_decay)])
+        self._set_weights([w[0].clone() for w in weights])
+        self.n_iter_ = int(self.epochs)
+        self.loss_curve_ = [float(v) for v in curve[:, 0]]
+        return self
+
+    # ----- inference
+
+    def _logits(self, X) -> np.ndarray:
+        """Logits ``[n, C]``: float64 on CPU (row results do not depend on the batch), float32
+        on CUDA."""
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        device = _resolve_device(self.device)
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        weights = [
+            _as_tensor(np.asarray(w)).to(device=device, dtype=dtype) for w in self._weights()
+        ]
+        out = np.empty((X.shape[0], len(self.classes_)), dtype=np.float64)
+        Xt = _as_tensor(X)
+        step = max(1, _PREDICT_BYTES // (8 * X.shape[1]))
+        with torch.no_grad():
+            for s in range(0, X.shape[0], step):
+                xb = Xt[s : s + step].to(device=device, dtype=dtype)
+                out[s : s + step] = self._forward(weights, xb).cpu().numpy()
+        if not np.isfinite(out).all():
+            _check_finite_rows(X)
+        return out
+
+    def decision_function(self, X) -> np.ndarray:
+        """Class scores: ``[n]`` (positive class vs negative) when binary, else ``[n, C]``."""
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax class probabilities, ``[n, C]`` in the order of ``classes_``."""
+        return _softmax(self._logits(X))
+
+    def predict(self, X) -> np.ndarray:
+        """Most probable class label for each row."""
+        logits = self._logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]
+
+
+class LinearHead(_TorchHead):
+    """A linear probe: ``nn.Linear(D, C)`` trained with Adam(W) and cross-entropy.
+
+    Parameters
+    ----------
+    epochs : int, default=30
+        Passes over the training rows.
+    batch_size : int, default=128
+        Rows per minibatch (the last one of an epoch may be smaller).
+    lr : float, default=1e-3
+        Learning rate.
+    weight_decay : float, default=1e-4
+        Weight decay on the weight matrix (not the bias); decoupled for ``"adamw"``, an L2
+        term in the gradient for ``"adam"``.
+    optimizer : {"adamw", "adam"}, default="adamw"
+    device : str, default="auto"
+        ``"auto"`` uses CUDA when available.
+    random_state : int or None, default=0
+        Seeds the initialisation and the minibatch order (a local generator; the global
+        torch RNG is untouched). Same input and seed give identical weights on CPU.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (C,)
+    coef_ : ndarray of shape (C, D), float32
+    intercept_ : ndarray of shape (C,), float32
+    n_features_in_ : int
+    n_iter_ : int
+        Epochs run.
+    loss_curve_ : list of float
+        Mean training cross-entropy of each epoch.
+    """
+
+    _decayed = (True, False)
+    _slice_rows_on_cpu = True
+
+    def __init__(
+        self,
+        epochs: int = 30,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+        device: str = "auto",
+        random_state: int | None = 0,
+    ):
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimizer = optimizer
+        self.device = device
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw'; got {self.optimizer!r}")
+
+    def _decoupled(self) -> bool:
+        return self.optimizer == "adamw"
+
+    def _init_weights(self, n_features, n_classes, n_heads, gen):
+        bound = 1 / math.sqrt(n_features)  # nn.Linear's default init
+        w = torch.empty(n_classes, n_features).uniform_(-bound, bound, generator=gen)
+        b = torch.empty(n_classes).uniform_(-bound, bound, generator=gen)
+        return [w.expand(n_heads, -1, -1).contiguous(), b.expand(n_heads, -1).contiguous()]
+
+    def _accumulate(self, weights, x, onehot, grads, dropout_gen):
+        w, b = weights
+        n_heads, n_classes, d = w.shape
+        k = x.shape[0]
+        # [G*C, D] @ [D, k]: all heads in one matmul (this layout is the fast one on CPU)
+        logits = torch.addmm(b.view(-1, 1), w.view(-1, d), x.T).view(n_heads, n_classes, k)
+        logp = torch.log_softmax(logits, dim=1)
+        target = onehot.T  # [C, k]
+        loss = -(logp * target).sum(dim=(1, 2))
+        dlogits = logp.exp_().sub_(target)  # softmax - onehot
+        grads[0].view(-1, d).addmm_(dlogits.view(-1, k), x)
+        grads[1].add_(dlogits.sum(dim=2))
+        return loss
+
+    def _set_weights(self, weights):
+        self.coef_ = weights[0].numpy()
+        self.intercept_ = weights[1].numpy()
+
+    def _weights(self):
+        return [self.coef_, self.intercept_]
+
+    def _forward(self, weights, x):
+        w, b = weights
+        return torch.addmm(b, x, w.T)
+
+
+class MLPHead(_TorchHead):
+    """The VGG-style classifier head: Linear(D, hidden) → ReLU → Dropout → Linear(hidden, C).
+
+    Trained like :class:`LinearHead` (AdamW, cross-entropy, same loop). Dropout masks come
+    from a local generator, so fits are reproducible on CPU.
+
+    Parameters
+    ----------
+    hidden : int, default=4096
+    dropout : float, default=0.5
+        Drop probability, in [0, 1).
+    epochs, batch_size, lr, weight_decay, device, random_state
+        As for :class:`LinearHead`.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (C,)
+    coefs_ : list of ndarray
+        Weight matrices ``[hidden, D]`` and ``[C, hidden]`` (torch's ``[out, in]``), float32.
+    intercepts_ : list of ndarray
+        Biases ``[hidden]`` and ``[C]``.
+    n_features_in_, n_iter_, loss_curve_
+        As for :class:`LinearHead`.
+    """
+
+    _decayed = (True, False, True, False)
+
+    def __init__(
+        self,
+        hidden: int = 4096,
+        dropout: float = 0.5,
+        epochs: int = 30,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        device: str = "auto",
+        random_state: int | None = 0,
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.device = device
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        h = self.hidden
+        if not isinstance(h, numbers.Integral) or isinstance(h, bool) or h < 1:
+            raise ValueError(f"hidden must be an integer >= 1; got {h!r}")
+        p = self.dropout
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p < 1:
+            raise ValueError(f"dropout must be a number in [0, 1); got {p!r}")
+
+    def _init_weights(self, n_features, n_classes, n_heads, gen):
+        out = []
+        for fan_in, fan_out in ((n_features, self.hidden), (self.hidden, n_classes)):
+            bound = 1 / math.sqrt(fan_in)
+            out.append(torch.empty(n_heads, fan_out, fan_in).uniform_(-bound, bound, generator=gen))
+            out.append(torch.empty(n_heads, fan_out).uniform_(-bound, bound, generator=gen))
+        return out
+
+    def _accumulate(self, weights, x, onehot, grads, dropout_gen):
+        with torch.enable_grad():
+            params = [w[0].detach().requires_grad_() for w in weights]  # MLPs train one head
+            w1, b1, w2, b2 = params
+            h = torch.relu(torch.addmm(b1, x, w1.T))
+            if self.dropout > 0:
+                keep = torch.empty_like(h).bernoulli_(1 - self.dropout, generator=dropout_gen)
+                h = h * keep / (1 - self.dropout)
+            logp = torch.log_softmax(torch.addmm(b2, h, w2.T), dim=1)
+            loss = -(logp * onehot).sum()
+            for acc, g in zip(grads, torch.autograd.grad(loss, params)):
+                acc[0].add_(g)
+        return loss.detach().view(1)
+
+    def _set_weights(self, weights):
+        self.coefs_ = [weights[0].numpy(), weights[2].numpy()]
+        self.intercepts_ = [weights[1].numpy(), weights[3].numpy()]
+
+    def _weights(self):
+        return [self.coefs_[0], self.intercepts_[0], self.coefs_[1], self.intercepts_[1]]
+
+    def _forward(self, weights, x):
+        w1, b1, w2, b2 = weights
+        return torch.addmm(b2, torch.relu(torch.addmm(b1, x, w1.T)), w2.T)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One registered head.
+
+    Attributes
+    ----------
+    name : str
+        The name used on the command line and in run records.
+    factory : type
+        The estimator class.
+    description : str
+        One line for ``featprobe heads`` and the docs.
+    defaults : dict
+        Parameters featprobe sets on top of the class's own defaults.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    defaults: dict = field(default_factory=dict)
+
+    def params(self) -> dict:
+        """All parameters of the head as ``make_head(name)`` builds it."""
+        return _jsonable_params(self.factory(**self.defaults))
+
+
+HEADS: dict[str, HeadSpec] = {
+    spec.name: spec
+    for spec in (
+        HeadSpec("linear", LinearHead, "torch linear layer, AdamW + cross-entropy; GPU if present"),
+        HeadSpec("mlp", MLPHead, "torch MLP (VGG classifier style): Linear-ReLU-Dropout-Linear"),
+        HeadSpec(
+            "logreg",
+            LogisticRegression,
+            "scikit-learn logistic regression (lbfgs)",
+            {"max_iter": 1000},
+        ),
+        HeadSpec(
+            "svm",
+            LinearSVC,
+            "scikit-learn linear SVM (LinearSVC); no predict_proba",
+            {"random_state": 0},
+        ),
+        HeadSpec(
+            "svm-rbf",
+            SVC,
+            "scikit-learn RBF-kernel SVM (SVC), Platt-scaled probabilities",
+            {"probability": True, "random_state": 0},
+        ),
+    )
+}
+
+
+def list_heads() -> list[str]:
+    """Names of the registered heads, in registry order."""
+    return list(HEADS)
+
+
+def make_head(name: str, standardize: bool = False, **params: Any) -> BaseEstimator:
+    """Build an unfitted head by registry name.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`HEADS`.
+    standardize : bool, default=False
+        Put a ``StandardScaler`` in front (a pipeline, so the scaler is fit on the training
+        rows only).
+    **params
+        Head parameters, overriding the registry defaults.
+
+    Returns
+    -------
+    estimator
+        The head, or ``Pipeline(StandardScaler, head)``.
+
+    Raises
+    ------
+    FeatprobeError
+        Unknown name, unknown parameter or a bad parameter value.
+    """
+    spec = HEADS.get(name)
+    if spec is None:
+        raise FeatprobeError(f"unknown head {name!r}; known heads: {', '.join(HEADS)}")
+    valid = spec.factory().get_params(deep=False)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise FeatprobeError(
+            f"unknown parameter {unknown[0]!r} for head {name!r}; valid: {', '.join(sorted(valid))}"
+        )
+    head = spec.factory(**{**spec.defaults, **params})
+    check = getattr(head, "_check_params", None) or getattr(head, "_validate_params", None)
+    try:
+        if check is not None:
+            check()
+    except (ValueError, TypeError) as e:
+        raise FeatprobeError(f"head {name!r}: {str(e).splitlines()[0]}") from e
+    return make_pipeline(StandardScaler(), head) if standardize else head
+
+
+def _split(estimator) -> tuple[BaseEstimator, bool]:
+    """The head inside ``estimator`` and whether a StandardScaler precedes it."""
+    if isinstance(estimator, Pipeline):
+        steps = [s for _, s in estimator.steps]
+        return steps[-1], any(isinstance(s, StandardScaler) for s in steps[:-1])
+    return estimator, False
+
+
+def head_name(estimator: BaseEstimator) -> str:
+    """The registry name of a head (or of the head at the end of a pipeline)."""
+    head, _ = _split(estimator)
+    for spec in HEADS.values():
+        if type(head) is spec.factory:
+            return spec.name
+    raise FeatprobeError(f"{type(head).__name__} is not a registered head")
+
+
+def _to_json(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, tuple):
+        return [_to_json(x) for x in v]
+    return v
+
+
+def _jsonable_params(estimator) -> dict:
+    out = {}
+    for k, v in estimator.get_params(deep=False).items():
+        v = _to_json(v)
+        try:
+            if json.loads(json.dumps(v)) == v:
+                out[k] = v
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def head_params(estimator: BaseEstimator) -> dict:
+    """All JSON-representable parameters of a head, for run records.
+
+    Includes ``standardize`` so that ``make_head(head_name(est), **head_params(est))``
+    rebuilds an unfitted copy.
+    """
+    head, standardize = _split(estimator)
+    return {"standardize": standardize, **_jsonable_params(head)}
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepResult:
+    """Outcome of a sweep.
+
+    Attributes
+    ----------
+    grid : list of dict
+        One entry per grid point, in grid order: its parameters, ``train_accuracy`` and
+        ``val_accuracy``.
+    best : dict
+        The grid entry with the highest validation accuracy (ties → the earlier point).
+    best_estimator_ : estimator
+        A fitted head carrying the winner's parameters and weights.
+    """
+
+    grid: list[dict]
+    best: dict
+    best_estimator_: BaseEstimator
+
+
+def _best(grid: list[dict]) -> int:
+    return max(range(len(grid)), key=lambda i: (grid[i]["val_accuracy"], -i))
+
+
+def sweep_linear(
+    X_train,
+    y_train,
+    X_val,
+    y_val,
+    lrs: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3),
+    weight_decays: Sequence[float] = (0, 1e-4, 1e-2),
+    epochs: int = 30,
+    batch_size: int = 128,
+    device: str = "auto",
+    random_state: int | None = 0,
+) -> SweepResult:
+    """Train a grid of :class:`LinearHead` (lr × weight decay) together; pick the best on val.
+
+    All heads share one pass over the features: each step gathers the minibatch once and runs
+    one matmul for all heads, then a vectorised AdamW with per-head lr and weight decay. Head
+    ``(lr, wd)`` ends with the weights that ``LinearHead(lr=lr, weight_decay=wd, epochs=...,
+    batch_size=..., random_state=...)`` gets alone, up to float32 rounding.
+
+    Returns
+    -------
+    SweepResult
+        ``grid`` entries have ``lr``, ``weight_decay``, ``train_accuracy``, ``val_accuracy``.
+    """
+    if random_state is None:  # every head must see the same init and batches
+        random_state = _seed(None)
+    points = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
+    if not points:
+        raise FeatprobeError("sweep_linear needs at least one lr and one weight decay")
+    proto = LinearHead(
+        epochs=epochs, batch_size=batch_size, device=device, random_state=random_state
+    )
+    for lr, wd in points:
+        proto.set_params(lr=lr, weight_decay=wd)._check_params()
+    X, y_idx = proto._validate_fit(X_train, y_train)
+    weights, curve = proto._train(X, y_idx, [p[0] for p in points], [p[1] for p in points])
+    w, b = weights
+
+    # All heads' predictions in one pass per split: a stacked head with G*C outputs.
+    stacked = clone(proto)
+    stacked.classes_ = np.arange(w.shape[0] * w.shape[1])
+    stacked.n_features_in_ = proto.n_features_in_
+    if hasattr(proto, "feature_names_in_"):
+        stacked.feature_names_in_ = proto.feature_names_in_
+
+    def accuracies(X_, y_):
+        logits = stacked._logits(X_).reshape(len(X_), w.shape[0], w.shape[1])
+        pred = proto.classes_[logits.argmax(axis=2)]  # [n, G]
+        return (pred == np.asarray(y_)[:, None]).mean(axis=0)
+
+    stacked.coef_, stacked.intercept_ = w.reshape(-1, w.shape[2]).numpy(), b.reshape(-1).numpy()
+    train_acc, val_acc = accuracies(X_train, y_train), accuracies(X_val, y_val)
+    grid = [
+        {
+            "lr": lr,
+            "weight_decay": wd,
+            "train_accuracy": float(train_acc[g]),
+            "val_accuracy": float(val_acc[g]),
+        }
+        for g, (lr, wd) in enumerate(points)
+    ]
+    g = _best(grid)
+    best = clone(proto).set_params(lr=points[g][0], weight_decay=points[g][1])
+    best.classes_, best.n_features_in_ = proto.classes_, proto.n_features_in_
+    if hasattr(proto, "feature_names_in_"):
+        best.feature_names_in_ = proto.feature_names_in_
+    best._set_weights([w[g].clone(), b[g].clone()])
+    best.n_iter_ = int(epochs)
+    best.loss_curve_ = [float(v) for v in curve[:, g]]
+    return SweepResult(grid=grid, best=grid[g], best_estimator_=best)
+
+
+def sweep_logreg(
+    X_train, y_train, X_val, y_val, Cs: Sequence[float] = (0.001, 0.01, 0.1, 1, 10, 100)
+) -> SweepResult:
+    """Fit ``logreg`` for each inverse regularisation strength ``C``; pick the best on val.
+
+    Returns
+    -------
+    SweepResult
+        ``grid`` entries have ``C``, ``train_accuracy``, ``val_accuracy``; ``best_estimator_``
+        is the fitted ``LogisticRegression``.
+    """
+    if not len(Cs):
+        raise FeatprobeError("sweep_logreg needs at least one C")
+    # One float32 copy shared by all fits (lbfgs keeps float32; float16 would become float64).
+    X_train = np.asarray(X_train, dtype=np.float32)
+    X_val = np.asarray(X_val, dtype=np.float32)
+    grid, fitted = [], []
+    for C in Cs:
+        est = make_head("logreg", C=float(C)).fit(X_train, y_train)
+        fitted.append(est)
+        grid.append(
+            {
+                "C": float(C),
+                "train_accuracy": float(est.score(X_train, y_train)),
+                "val_accuracy": float(est.score(X_val, y_val)),
+            }
+        )
+    g = _best(grid)
+    return SweepResult(grid=grid, best=grid[g], best_estimator_=fitted[g])
