@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featprobe.backbones import FeatureExtractor, build_model, layer_sources, make_transform
+from featprobe import backbones
 from featprobe.cache import PartialCache
 from featprobe.errors import FeatprobeError
 from featprobe.images import ImageRows
@@ -58,64 +58,78 @@ def default_workers(device: torch.device) -> int:
     return min(16, max(1, cpus - 1)) if device.type == "cuda" else min(2, max(1, cpus // 2))
 
 
-def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, part_rows,
-         todo, workers, progress) -> None:
-    """Compute the missing parts, one crash-safe part per batch."""
-    model = build_model(backbone, choice)
-    sources = layer_sources(backbone, model, layers)
-    extractor = FeatureExtractor(model, sources).to(dev)
-    if dev.type == "cuda" or prec != "fp32":
+def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers=None,
+                    progress=True, initial=0, desc=None):
+    """Yield ``(rows, {layer: float32 array}, reasons)`` for each batch of row indices.
+
+    The model is built here, so callers that find nothing to do never pay for it. ``reasons[i]``
+    is "" for a good image and why it could not be read otherwise (its features are garbage).
+    """
+    model = backbones.build_model(backbone, choice)
+    sources = backbones.layer_sources(backbone, model, layers)
+    extractor = backbones.FeatureExtractor(model, sources).to(dev)
+    channels_last = dev.type == "cuda" or prec != "fp32"
+    if channels_last:
         extractor = extractor.to(memory_format=torch.channels_last)
-    rows = ImageRows(ds, make_transform(pre), pre["crop_size"][0])
-    batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
     n_workers = default_workers(dev) if workers is None else workers
     loader = torch.utils.data.DataLoader(
-        rows,
+        ImageRows(ds, backbones.make_transform(pre), pre["crop_size"][0]),
         batch_sampler=batches,
         num_workers=n_workers,
         pin_memory=dev.type == "cuda",
-        persistent_workers=False,
         prefetch_factor=4 if n_workers else None,
     )
-    writer = _PartWriter(partial)
-    done_rows = len(ds) - sum(len(b) for b in batches)
-    bar = tqdm(total=len(ds), initial=done_rows, unit="img", desc=f"extract {backbone}",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=initial + sum(len(b) for b in batches), initial=initial, unit="img",
+               desc=desc or f"extract {backbone}", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.1)
     autocast = (
         torch.autocast(dev.type, dtype=_AUTOCAST[prec]) if prec in _AUTOCAST
         else contextlib.nullcontext()
     )
     try:
-        with torch.inference_mode(), autocast:
-            for k, (index, x, reasons) in zip(todo, loader):
-                bad = [i for i, r in enumerate(reasons) if r]
-                if bad and on_error == "fail":
-                    i = bad[0]
-                    raise FeatprobeError(
-                        f"cannot read image {ds.ids[int(index[i])]}: {reasons[i]} — fix or remove "
-                        "it, or rerun with --on-error skip (finished batches are kept)"
-                    )
+        for index, x, reasons in loader:
+            with torch.inference_mode(), autocast:
                 x = x.to(dev, non_blocking=True)
-                if dev.type == "cuda" or prec != "fp32":
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 out = extractor(x)
-                arrays = {
-                    "f_" + layer: out[layer].float().cpu().numpy().astype(dtype, copy=False)
-                    for layer in layers
-                }
-                valid = np.array([not r for r in reasons], dtype=bool)
-                for layer in layers:
-                    arrays["f_" + layer][~valid] = 0
-                arrays.update(
-                    start=np.int64(k * part_rows),
-                    valid=valid,
-                    bad_ids=np.array([ds.ids[int(index[i])] for i in bad], dtype=str),
-                    bad_reasons=np.array([reasons[i] for i in bad], dtype=str),
-                )
-                writer.put(k, arrays)
-                bar.update(len(index))
+                feats = {layer: out[layer].float().cpu().numpy() for layer in layers}
+            yield index.tolist(), feats, list(reasons)
+            bar.update(len(index))
     finally:
         bar.close()
+
+
+def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, part_rows,
+              todo, workers, progress) -> None:
+    """Compute the missing parts, one crash-safe part per batch, written on a thread."""
+    batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
+    stream = feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers,
+                             progress, initial=len(ds) - sum(len(b) for b in batches))
+    writer = _PartWriter(partial)
+    try:
+        for k, (rows, feats, reasons) in zip(todo, stream):
+            bad = [i for i, r in enumerate(reasons) if r]
+            if bad and on_error == "fail":
+                raise FeatprobeError(
+                    f"cannot read image {ds.ids[rows[bad[0]]]}: {reasons[bad[0]]} — fix or "
+                    "remove it, or rerun with --on-error skip (finished batches are kept)"
+                )
+            valid = np.array([not r for r in reasons], dtype=bool)
+            arrays = {}
+            for layer in layers:
+                x = feats[layer].astype(dtype, copy=False)
+                x[~valid] = 0
+                arrays["f_" + layer] = x
+            arrays.update(
+                start=np.int64(k * part_rows),
+                valid=valid,
+                bad_ids=np.array([ds.ids[rows[i]] for i in bad], dtype=str),
+                bad_reasons=np.array([reasons[i] for i in bad], dtype=str),
+            )
+            writer.put(k, arrays)
+    finally:
+        stream.close()
         writer.close()
     writer.check()
 
