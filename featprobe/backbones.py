@@ -99,18 +99,19 @@ def resolve_layers(name: str, layers: list[str] | tuple[str, ...] | None) -> lis
             raise FeatprobeError(f"layer {layer!r} given twice")
         out.append(layer)
     known = set(spec.layers) if spec else {PENULTIMATE}
+    paths = None
     for layer in out:
-        # anything else must be a module path; checked against the model when it is built
-        if layer not in known and not _looks_like_module_path(layer):
+        if layer in known:
+            continue
+        if paths is None:  # the architecture on the meta device: no memory, no weights
+            with torch.device("meta"):
+                paths = {n for n, _ in torchvision.models.get_model(name).named_modules() if n}
+        if layer not in paths:
             raise FeatprobeError(
                 f"unknown layer {layer!r} for {name}: use {', '.join(sorted(known))} "
-                "or a module path such as features.28"
+                "or a module path such as features.28 (see `featprobe backbones`)"
             )
     return out
-
-
-def _looks_like_module_path(layer: str) -> bool:
-    return all(part.isidentifier() or part.isdigit() for part in layer.split("."))
 
 
 # ----------------------------------------------------------------------------- weights
@@ -142,7 +143,8 @@ def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> Weights
     p = Path(arg).expanduser()
     if p.is_file():
         return WeightsChoice("file", str(p.resolve()), "sha256:" + sha256_file(p))
-    names = ", ".join(["DEFAULT", *enum_cls.__members__]) if enum_cls else "(none published)"
+    names = (", ".join(["DEFAULT", *(m for m in enum_cls.__members__ if m != "DEFAULT")])
+             if enum_cls else "(none published)")
     if any(sep in arg for sep in ("/", os.sep)) or arg.endswith((".pth", ".pt", ".bin")):
         raise FeatprobeError(f"weights file not found: {arg}")
     raise FeatprobeError(
@@ -301,7 +303,7 @@ def _find_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError:
         raise FeatprobeError(
-            f"{type(model).__name__} has no module {path!r}; see `featprobe backbones --layers`"
+            f"{type(model).__name__} has no module {path!r}; see `featprobe backbones`"
         ) from None
 
 

@@ -55,7 +55,19 @@ def _config_params(record: dict) -> dict:
         won = best["params"] if isinstance(best.get("params"), dict) else {
             k: v for k, v in best.items() if k not in _SCORE_KEYS}
         params.update(won)
+    if record.get("sweep"):
+        params["sweep"] = True  # chosen on val: never pooled with a plain run of same params
     return {k: v for k, v in params.items() if k not in _NOT_CONFIG}
+
+
+def _shown_params(record: dict, params: dict) -> dict:
+    """What the table shows: only what differs from the head's defaults, when recorded."""
+    if isinstance(record.get("params_set"), dict):
+        shown = dict(record["params_set"])
+        if params.get("sweep"):
+            shown["sweep"] = True
+        return {k: v for k, v in shown.items() if k not in _NOT_CONFIG}
+    return params
 
 
 def _short(params: dict) -> str:
@@ -91,7 +103,7 @@ def _run_row(record: dict) -> dict:
         "weights": record.get("weights"),
         "layer": record.get("layer"),
         "head": record.get("head"),
-        "params": _short(params),
+        "params": _short(_shown_params(record, params)),
         "params_key": json.dumps(params, sort_keys=True, default=str),
         "standardize": record.get("standardize"),
         "val_fraction": record.get("val_fraction"),

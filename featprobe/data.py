@@ -79,11 +79,20 @@ def _encode_labels(raw: list[str]) -> tuple[np.ndarray, list]:
     return np.array([index[v] for v in values], dtype=np.int64), classes
 
 
-def _read_csv(csv_path: Path) -> tuple[list[str], list[dict]]:
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict], list[int]]:
+    """Header, non-blank rows, and each row's line number in the file (for error messages)."""
+    rows, lines, extra = [], [], []
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            rows = [r for r in reader if any((v or "").strip() for v in r.values())]
+            for r in reader:
+                more = r.pop(None, None) or []
+                if not any((v or "").strip() for v in [*r.values(), *more]):
+                    continue
+                if any((v or "").strip() for v in more):
+                    extra.append(reader.line_num)
+                rows.append(r)
+                lines.append(reader.line_num)
             header = list(reader.fieldnames or [])
     except FileNotFoundError:
         raise FeatprobeError(f"CSV file not found: {csv_path}") from None
@@ -94,7 +103,12 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[dict]]:
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
         raise FeatprobeError(f"CSV {csv_path} has duplicate column names: {_rows(dupes)}")
-    return header, rows
+    if extra:
+        raise FeatprobeError(
+            f"CSV {csv_path}: more fields than the {len(header)} columns on line(s) "
+            f"{_rows(extra)} (quote file names that contain commas)"
+        )
+    return header, rows, lines
 
 
 def _pick_columns(
@@ -142,18 +156,18 @@ def read_csv_dataset(
     """
     csv_path = Path(csv_path)
     root = Path(images) if images is not None else csv_path.parent / "images"
-    header, rows = _read_csv(csv_path)
+    header, rows, line_nos = _read_csv(csv_path)
     image_col, label_col = _pick_columns(header, csv_path, image_col, label_col, labelled)
     if not rows:
         raise FeatprobeError(f"CSV {csv_path} has a header but no rows: nothing to do")
     ids = [(r.get(image_col) or "").strip() for r in rows]
-    blank = [i + 2 for i, v in enumerate(ids) if not v]
+    blank = [n for n, v in zip(line_nos, ids) if not v]
     if blank:
         raise FeatprobeError(f"CSV {csv_path}: empty image name on line(s) {_rows(blank)}")
     labels = classes = None
     if label_col is not None:
         raw = [(r.get(label_col) or "").strip() for r in rows]
-        blank = [i + 2 for i, v in enumerate(raw) if not v]
+        blank = [n for n, v in zip(line_nos, raw) if not v]
         if blank:
             raise FeatprobeError(f"CSV {csv_path}: empty label on line(s) {_rows(blank)}")
         labels, classes = _encode_labels(raw)
@@ -193,16 +207,18 @@ def read_image_list(paths: list[str | Path] | str | Path) -> Dataset:
     """Unlabelled images: a folder (searched recursively) or an explicit list of files."""
     if isinstance(paths, (str, Path)) and Path(paths).is_dir():
         root = Path(paths)
-        ids = sorted(
-            os.path.relpath(os.path.join(d, f), root)
-            for d, _, fs in os.walk(root, followlinks=True)
-            for f in fs
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-        )
+        ids = []
+        for d, dirnames, fs in os.walk(root, followlinks=True):
+            dirnames[:] = [x for x in dirnames if not x.startswith(".")]
+            ids += [os.path.relpath(os.path.join(d, f), root) for f in fs
+                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        ids.sort()
         if not ids:
             raise FeatprobeError(f"no images found under {root}")
     else:
         files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        if not files:
+            raise FeatprobeError("no images given")
         root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
         ids = [os.path.relpath(p.resolve(), root) for p in files]
     ds = Dataset(root, ids, None, [], source=str(paths))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from featprobe.data import Dataset
 
@@ -28,8 +28,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()  # decode now: truncated files fail here, not later
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+                return _to_rgb(_orient(im))
     except FileNotFoundError:
         raise BadImage("file not found") from None
     except UnidentifiedImageError:
@@ -38,6 +37,26 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise BadImage(f"too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"cannot decode: {e}") from None
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orient(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation without re-encoding EXIF (a corrupt block is ignored)."""
+    try:
+        method = _TRANSPOSE.get(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # malformed EXIF must not make a good picture unreadable
+        method = None
+    return im.transpose(method) if method is not None else im.copy()
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

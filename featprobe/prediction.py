@@ -1,0 +1,154 @@
+"""Predict: the backbone a head was trained on, then the head, over new images → CSV.
+
+The saved head records the backbone, the weights (name and SHA-256 of the file), the layer and
+the exact preprocessing of the cache it was fitted on; predict rebuilds that extractor and
+refuses to run when any of it cannot be reproduced (e.g. a different weights file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from featprobe.data import Dataset, load_dataset
+from featprobe.errors import FeatprobeError
+
+
+def _weights_arg(meta: dict) -> str:
+    if meta.get("weights") == "file":
+        path = meta.get("weights_file") or ""
+        if not Path(path).is_file():
+            raise FeatprobeError(
+                f"the head was trained on features from the weights file {path}, which is not "
+                "here; put it back at that path"
+            )
+        return path
+    return meta["weights"]
+
+
+def predict(
+    head_file: str | os.PathLike,
+    data: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, float | None]:
+    """Predict labels for images (a folder, a CSV, or a labelled CSV).
+
+    Returns the DataFrame ``image_names, label, probability`` (plus ``true_label`` and ``error``
+    when relevant) and the accuracy when the CSV has labels (else None). ``probability`` is the
+    predicted class's probability, empty for heads without ``predict_proba`` (``svm``).
+    Unreadable images get an empty label and their reason in ``error``.
+    """
+    from featprobe.backbones import resolve_weights, weights_sha256
+    from featprobe.headio import load_head
+    from featprobe.stream import default_batch_size, feature_batches, resolve_device
+
+    est, meta = load_head(head_file)
+    for key in ("backbone", "weights", "layer", "preprocessing", "classes"):
+        if meta.get(key) in (None, ""):
+            raise FeatprobeError(f"{head_file} lacks {key!r} in its metadata; refit and --save it")
+    ds = _dataset(data, images, image_col, label_col)
+    backbone, layer, classes = meta["backbone"], meta["layer"], meta["classes"]
+    choice = resolve_weights(backbone, _weights_arg(meta))
+    if choice.identity != meta.get("weights_id", choice.identity):
+        raise FeatprobeError(
+            f"weights mismatch: the head was fitted on {meta['weights_id']} features, but "
+            f"{choice.identity} resolves here"
+        )
+    sha = weights_sha256(choice)
+    if meta.get("weights_sha256") and sha and sha != meta["weights_sha256"]:
+        raise FeatprobeError(
+            f"weights file SHA-256 {sha[:12]}... differs from the {meta['weights_sha256'][:12]}... "
+            "the head was fitted on: these are not the same weights"
+        )
+    dev = resolve_device(device)
+    prec = meta.get("precision") or "fp32"
+    if dev.type == "cpu" and prec == "fp16":
+        prec = "fp32"
+    bs = batch_size or default_batch_size(dev)
+    batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
+    feats = None
+    reasons = [""] * len(ds)
+    for rows, f, why in feature_batches(ds, backbone, choice, [layer], meta["preprocessing"],
+                                        dev, prec, batches, workers, progress,
+                                        desc=f"predict {backbone}"):
+        x = f[layer]
+        if feats is None:
+            if meta.get("n_features") not in (None, x.shape[1]):
+                raise FeatprobeError(
+                    f"the head expects {meta['n_features']} features but {backbone}/{layer} "
+                    f"gives {x.shape[1]}"
+                )
+            feats = np.empty((len(ds), x.shape[1]), dtype=np.float32)
+        feats[rows] = x
+        for r, w in zip(rows, why):
+            reasons[r] = w
+    ok = np.array([not r for r in reasons])
+    pred = np.full(len(ds), -1)
+    prob = np.full(len(ds), np.nan)
+    if ok.any():
+        # features go through the same storage dtype as the cache the head was trained on
+        x = feats[ok].astype(meta.get("dtype") or np.float16).astype(np.float32)
+        pred[ok] = est.predict(x)
+        if hasattr(est, "predict_proba"):
+            proba = est.predict_proba(x)
+            cols = {int(c): i for i, c in enumerate(est.classes_)}
+            prob[ok] = proba[np.arange(len(x)), [cols[int(p)] for p in pred[ok]]]
+    df = pd.DataFrame({
+        "image_names": ds.ids,
+        "label": [classes[p] if p >= 0 else "" for p in pred],
+        "probability": prob,
+    })
+    accuracy = None
+    if ds.labels is not None:
+        truth = [ds.classes[i] for i in ds.labels]
+        df["true_label"] = truth
+        unknown = sorted({str(t) for t in truth} - {str(c) for c in classes})
+        if unknown:
+            raise FeatprobeError(
+                f"labels {unknown[:5]} in {data} are not among the head's classes {classes}"
+            )
+        hit = np.array([str(a) == str(b) for a, b in zip(df["label"], truth)])
+        accuracy = float(hit[ok].mean()) if ok.any() else None
+    if not ok.all():
+        df["error"] = reasons
+    if out is not None:
+        _write_csv(df, Path(out))
+    return df, accuracy
+
+
+def _dataset(data, images, image_col, label_col) -> Dataset:
+    """A labelled CSV if it has labels, else an unlabelled CSV, folder or image file."""
+    p = Path(data)
+    if p.is_file() and p.suffix.lower() == ".csv":
+        try:
+            return load_dataset(p, images, image_col, label_col)
+        except FeatprobeError:
+            if label_col is not None:
+                raise
+            return load_dataset(p, images, image_col, None, labelled=False)
+    if p.is_dir() and images is None:
+        from featprobe.data import read_image_list
+
+        return read_image_list(p)
+    if p.is_file():
+        from featprobe.data import read_image_list
+
+        return read_image_list([p])
+    raise FeatprobeError(f"no such file or folder: {data}")
+
+
+def _write_csv(df: pd.DataFrame, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out)
