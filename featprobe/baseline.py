@@ -123,6 +123,7 @@ def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -
     loader = torch.utils.data.DataLoader(
         _Pixels(ds, image_size), batch_size=32, shuffle=False, num_workers=n_workers,
         prefetch_factor=4 if n_workers else None,
+        generator=torch.Generator().manual_seed(0),  # else it draws worker seeds from torch's RNG
     )
     pixels = torch.empty(len(ds), 3, image_size, image_size, dtype=torch.uint8)
     bad: list[str] = []
@@ -143,9 +144,10 @@ def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> [0, 1] floats -> ImageNet mean/std (batched, on whatever device)."""
+    """uint8 pixels -> [0, 1] floats -> ImageNet mean/std, channels-last (as the model)."""
     x = v2.functional.to_dtype(x, torch.float32, scale=True)
-    return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    x = v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _train(model: nn.Module, pixels: torch.Tensor, y: torch.Tensor, rows: np.ndarray,
@@ -164,9 +166,9 @@ def _train(model: nn.Module, pixels: torch.Tensor, y: torch.Tensor, rows: np.nda
         bar = tqdm(range(0, len(order), batch_size), desc=f"baseline: epoch {epoch}/{epochs}",
                    unit="batch", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for start in bar:
-            idx = order[start:start + batch_size]
-            xb = _normalise(pixels[idx].to(dev, non_blocking=True))
-            yb = y[idx].to(dev, non_blocking=True)
+            idx = order[start:start + batch_size].to(pixels.device)
+            xb = _normalise(pixels[idx].to(dev))
+            yb = y[idx].to(dev)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
@@ -186,7 +188,7 @@ def _predict(model: nn.Module, pixels: torch.Tensor, rows: np.ndarray, dev: torc
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
             idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
-            logits = model(_normalise(pixels[idx].to(dev, non_blocking=True)))
+            logits = model(_normalise(pixels[idx.to(pixels.device)].to(dev)))
             out.append(logits.argmax(1).cpu())
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.int64)
 
@@ -234,14 +236,15 @@ def baseline(
     t0 = time.perf_counter()
     pixels = _decode(ds, image_size, workers, progress)
     decode_seconds = time.perf_counter() - t0
-    if dev.type == "cuda":
-        pixels = pixels.pin_memory()
     y = torch.as_tensor(ds.labels, dtype=torch.int64)
+    if dev.type == "cuda":  # uint8 is small (1,646 images at 224: 250 MB): keep it all there
+        pixels, y = pixels.to(dev), y.to(dev)
 
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.default_generator.manual_seed(seed)  # the model is built on the CPU
         model = SmallCNN(n_classes, image_size)
-    model = model.to(dev)
+    # channels-last: ~30% less CPU time per step than NCHW here (oneDNN), and cuDNN likes it
+    model = model.to(dev, memory_format=torch.channels_last)
 
     t0 = time.perf_counter()
     losses = _train(model, pixels, y, s.train, epochs, batch_size, lr, seed, dev, progress)

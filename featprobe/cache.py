@@ -321,3 +321,41 @@ def list_caches(directory: str | os.PathLike | None = None) -> list[dict]:
             out.append({"path": str(p.with_suffix(SUFFIX)), "complete": False,
                         "error": f"incomplete: {done}/{total if total else '?'} parts written"})
     return out
+
+
+def write_arrays(
+    path: str | os.PathLike,
+    ids: list[str],
+    labels: np.ndarray,
+    classes: list,
+    features: dict[str, np.ndarray],
+    meta: dict | None = None,
+    dtype: str = "float16",
+    rows_per_part: int = 4096,
+) -> FeatureCache:
+    """Write features you already have (arrays or memmaps) as a featprobe cache.
+
+    Goes through the same parts-then-consolidate path as ``extract``, so the result is
+    indistinguishable from an extracted cache; used by benchmarks and tests, and handy for
+    features computed elsewhere. ``meta`` supplies root attributes such as ``backbone``.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    n = len(ids)
+    layers = list(features)
+    partial = PartialCache(final)
+    with partial.locked():
+        n_parts = -(-n // rows_per_part)
+        for k in range(n_parts):
+            rows = slice(k * rows_per_part, min(n, (k + 1) * rows_per_part))
+            arrays = {"f_" + layer: np.asarray(features[layer][rows], dtype=dtype)
+                      for layer in layers}
+            arrays.update(start=np.int64(rows.start), valid=np.ones(rows.stop - rows.start, bool),
+                          bad_ids=np.array([], dtype=str), bad_reasons=np.array([], dtype=str))
+            partial.write_part(k, arrays)
+        attrs = {"format_version": FORMAT_VERSION, "backbone": "external", "weights": "external",
+                 "layers": layers, "dtype": dtype, "preprocessing": {},
+                 "dataset_fingerprint": "", **(meta or {})}
+        partial.consolidate(layers, list(ids), np.asarray(labels), list(classes), attrs, dtype,
+                            n_parts)
+    return FeatureCache(final)
