@@ -19,11 +19,11 @@ _LAZY = {
     "extract": ("featprobe.extraction", "extract"),
     "FeatureCache": ("featprobe.cache", "FeatureCache"),
     "load_dataset": ("featprobe.data", "load_dataset"),
-    "split": ("featprobe.split", "split"),
-    "fit": ("featprobe.fit", "fit"),
-    "baseline": ("featprobe.baseline", "baseline"),
+    "split": ("featprobe.splits", "split"),
+    "fit": ("featprobe.fitting", "fit"),
+    "baseline": ("featprobe.cnn_baseline", "baseline"),
     "compare": ("featprobe.comparison", "compare"),
-    "predict": ("featprobe.predict", "predict"),
+    "predict": ("featprobe.prediction", "predict"),
     "heads": ("featprobe.heads", None),
 }
 

@@ -267,7 +267,7 @@ def baseline(data, images, image_col, label_col, image_size, epochs, batch_size,
     Two conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool) and one dense layer, Adam —
     the tutorial's simple CNN that frozen features are measured against.
     """
-    from featprobe.baseline import baseline as run
+    from featprobe.cnn_baseline import baseline as run
 
     rec = run(data, images=images, image_col=image_col, label_col=label_col,
               image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,

@@ -3,7 +3,7 @@
 Frozen features are only worth caching if they beat a network trained on the images
 themselves. This is the tutorial's "simple CNN" (two conv blocks and one dense layer; about
 76% val accuracy there, against about 83% for VGG16 features), trained with Adam and
-cross-entropy on the rows :func:`featprobe.split.split` puts in train, and scored on its val
+cross-entropy on the rows :func:`featprobe.splits.split` puts in train, and scored on its val
 rows, so its record sits next to the heads' records in ``runs.jsonl``.
 
 Each image is decoded once per run (DataLoader workers, PIL) into an in-memory uint8 tensor
@@ -28,7 +28,7 @@ from featprobe.data import Dataset, load_dataset
 from featprobe.errors import FeatprobeError
 from featprobe.images import BadImage, load_rgb
 from featprobe.runs import append_run, compute_metrics, make_record
-from featprobe.split import split
+from featprobe.splits import split
 from featprobe.stream import resolve_device
 
 __all__ = ["BASELINE_DEFAULTS", "CHANNELS", "SmallCNN", "architecture", "baseline"]

@@ -94,7 +94,7 @@ def _recorded(runs: list[dict], **match) -> bool:
 def run(out: Path = Path("demo"), n: int | None = None, seed: int = 0,
         baseline_params: dict | None = None, progress: bool = True) -> dict:
     """The whole demo; returns timings. Idempotent: recorded runs are not repeated."""
-    from featprobe.baseline import baseline
+    from featprobe.cnn_baseline import baseline
     from featprobe.comparison import compare, format_table, plot
     from featprobe.extraction import extract
     from featprobe.fitting import fit

@@ -17,7 +17,7 @@ import numpy as np
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
 from featprobe.runs import append_run, compute_metrics, make_record
-from featprobe.split import split as make_split
+from featprobe.splits import split as make_split
 
 # The metadata a saved head carries so that `predict` can rebuild its exact feature extractor.
 HEAD_META_KEYS = ("backbone", "weights", "weights_id", "weights_file", "weights_sha256", "dtype",

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import featprobe.baseline as bl
-from featprobe.baseline import BASELINE_DEFAULTS, SmallCNN, architecture, baseline
+import featprobe.cnn_baseline as bl
+from featprobe.cnn_baseline import BASELINE_DEFAULTS, SmallCNN, architecture, baseline
 from featprobe.data import load_dataset
 from featprobe.errors import FeatprobeError
 from featprobe.runs import RECORD_FIELDS, read_runs
-from featprobe.split import split
+from featprobe.splits import split
 
 N_IMAGES = 60
 

@@ -21,7 +21,7 @@ from featprobe.fitting import fit
 from featprobe.headio import load_head
 from featprobe.prediction import predict
 from featprobe.runs import read_runs
-from featprobe.split import split
+from featprobe.splits import split
 
 
 def synthetic_cache(directory: Path, n=300, d=64, classes=("cat", "dog"), seed=0, sep=2.0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featprobe.errors import FeatprobeError
-from featprobe.split import Split, split
+from featprobe.splits import Split, split
 
 
 def _dataset(counts: dict, prefix: str = "img"):
