@@ -39,14 +39,16 @@ def main() -> None:
     runs_dir = args.out / "bench"
     runs_dir.mkdir(parents=True, exist_ok=True)
     done = read_runs(runs_dir) if (runs_dir / "runs.jsonl").exists() else []
-    caches = [extract(csv_path, backbone=demo.BACKBONE, weights=w, cache_dir=args.out / "cache",
-                      progress=False) for w in demo.WEIGHTS]
+    caches = [extract(csv_path, backbone=demo.BACKBONE, weights=w, dtype=dtype,
+                      cache_dir=args.out / "cache", progress=False)
+              for w, dtype in demo.WEIGHTS.items()]
     for seed in args.seeds:
         for cache in caches:
             for head in demo.HEADS:
                 if not any(r["cache"] == cache.path.name and r["head"] == head
                            and r["seed"] == seed for r in done):
-                    fit(cache, head=head, seed=seed, runs_dir=runs_dir)
+                    fit(cache, head=head, seed=seed, runs_dir=runs_dir,
+                        standardize=demo.STANDARDIZE)
         if not any(r["kind"] == "baseline" and r["seed"] == seed for r in done):
             baseline(csv_path, cache_dir=runs_dir, seed=seed, progress=False, **demo.BASELINE)
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

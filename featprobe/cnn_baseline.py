@@ -260,20 +260,23 @@ def baseline(
                                   labels)
     majority = int(np.bincount(y_np[s.train], minlength=n_classes).argmax())
 
+    params = {
+        "image_size": image_size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "optimizer": "adam",
+        "architecture": architecture(n_classes, image_size),
+        "device": dev.type,
+    }
     record = make_record(
         kind="baseline",
         cache=None,
         cache_path=None,
         dataset_fingerprint=ds.fingerprint(),
-        params={
-            "image_size": image_size,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "optimizer": "adam",
-            "architecture": architecture(n_classes, image_size),
-            "device": dev.type,
-        },
+        params=params,
+        params_set={k: v for k, v in params.items()
+                    if k in BASELINE_DEFAULTS and v != BASELINE_DEFAULTS[k] and k != "device"},
         standardize=False,
         seed=seed,
         val_fraction=val_fraction,

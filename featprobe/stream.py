@@ -50,7 +50,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def default_batch_size(device: torch.device) -> int:
-    return 256 if device.type == "cuda" else 16
+    return 256 if device.type == "cuda" else 32
 
 
 def default_workers(device: torch.device) -> int:
@@ -68,9 +68,8 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
     model = backbones.build_model(backbone, choice)
     sources = backbones.layer_sources(backbone, model, layers)
     extractor = backbones.FeatureExtractor(model, sources).to(dev)
-    channels_last = dev.type == "cuda" or prec != "fp32"
-    if channels_last:
-        extractor = extractor.to(memory_format=torch.channels_last)
+    # channels-last is 1.5-2x faster for convolutions on GPUs and on CPUs alike (oneDNN)
+    extractor = extractor.to(memory_format=torch.channels_last)
     n_workers = default_workers(dev) if workers is None else workers
     loader = torch.utils.data.DataLoader(
         ImageRows(ds, backbones.make_transform(pre), pre["crop_size"][0]),
@@ -90,8 +89,7 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
         for index, x, reasons in loader:
             with torch.inference_mode(), autocast:
                 x = x.to(dev, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
                 out = extractor(x)
                 feats = {layer: out[layer].float().cpu().numpy() for layer in layers}
             yield index.tolist(), feats, list(reasons)
@@ -107,6 +105,7 @@ def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, par
     stream = feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers,
                              progress, initial=len(ds) - sum(len(b) for b in batches))
     writer = _PartWriter(partial)
+    lost = kept = 0  # nonzero values that float16 storage turns into 0 or inf
     try:
         for k, (rows, feats, reasons) in zip(todo, stream):
             bad = [i for i, r in enumerate(reasons) if r]
@@ -120,6 +119,10 @@ def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, par
             for layer in layers:
                 x = feats[layer].astype(dtype, copy=False)
                 x[~valid] = 0
+                if x.dtype == np.float16:
+                    nonzero = np.count_nonzero(feats[layer][valid])
+                    kept += nonzero
+                    lost += nonzero - np.count_nonzero(np.isfinite(x[valid]) & (x[valid] != 0))
                 arrays["f_" + layer] = x
             arrays.update(
                 start=np.int64(k * part_rows),
@@ -132,6 +135,10 @@ def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, par
         stream.close()
         writer.close()
     writer.check()
+    if kept and lost > 0.001 * kept:
+        print(f"warning: float16 storage lost {100 * lost / kept:.1f}% of the nonzero feature "
+              "values (underflow to 0 or overflow to inf: features this small or large are "
+              "typical of random weights); use --dtype float32", file=sys.stderr)
 
 
 class _PartWriter:
