@@ -166,6 +166,7 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
     except TypeError as e:
         raise FeatprobeError(f"cannot save a {type(estimator).__name__}: not an estimator") from e
 
+    name = head_name(estimator)  # refuses anything that is not a registered head
     arrays: dict[str, np.ndarray] = {}
     if isinstance(estimator, Pipeline):
         steps = [s for _, s in estimator.steps]
@@ -177,13 +178,12 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
         }
     else:
         steps, state = [estimator], {"pipeline": None}
-    _class_name(estimator)
     state["steps"] = [_encode_estimator(s, i, arrays) for i, s in enumerate(steps)]
 
     own = {
         "format_version": FORMAT_VERSION,
         "featprobe_version": __version__,
-        "head": head_name(estimator),
+        "head": name,
         "estimator_class": _class_name(estimator),
         "standardize": any(isinstance(s, StandardScaler) for s in steps[:-1]),
         "params": head_params(estimator),
@@ -284,6 +284,9 @@ def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise FeatprobeError(f"{where} is not a featprobe head file (a .npy, not an .npz)")
     with npz:
+        for key in ("__meta__", "__state__"):
+            if key not in npz.files:
+                raise FeatprobeError(f"{where} is not a featprobe head file (missing {key!r})")
         try:
             meta = json.loads(str(npz["__meta__"][()]))
             state = json.loads(str(npz["__state__"][()]))
