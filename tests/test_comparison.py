@@ -94,7 +94,8 @@ def test_sweep_contributes_its_winner(records):
     df = compare(records)
     top = df.iloc[0]
     assert top["head"] == "linear" and top["val_acc"] == pytest.approx(0.93)
-    assert top["params"] == "epochs=30 lr=0.001 weight_decay=0"
+    # marked as a sweep: chosen on val, never pooled with a plain run of the same params
+    assert top["params"] == "epochs=30 lr=0.001 sweep=true weight_decay=0"
 
 
 def test_reads_directory_file_and_env(records, tmp_path, monkeypatch):
