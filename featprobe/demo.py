@@ -138,7 +138,7 @@ def run(out: Path = Path("demo"), n: int | None = None, seed: int = 0,
         times["baseline"] = time.perf_counter() - t
         print(f"cnn baseline: val acc {100 * rec['val']['accuracy']:.1f}%", file=sys.stderr)
     df = compare(cache_dir)
-    print(format_table(df, "table"))
+    print(format_table(df, "table").rstrip("\n"))
     try:
         print(f"wrote {plot(df, out / 'compare.png')}", file=sys.stderr)
     except FeatprobeError as e:

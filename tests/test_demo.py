@@ -39,7 +39,7 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     table = printed.out.splitlines()
     assert table[0].split()[:4] == ["backbone", "weights", "layer", "head"]
-    assert len(table) == 1 + 5
+    assert len(table) == 1 + 5, printed.out
     # second run: caches reused, nothing refitted, the same table printed
     demo.run(out, n=120, baseline_params=quick, progress=False)
     assert len(read_runs(out / "cache")) == 5
