@@ -272,8 +272,11 @@ def _bar_label(r: pd.Series) -> str:
         label = "CNN baseline"
     else:
         label = f"{r['backbone']}/{r['layer']} {r['head']}"
-        if r.get("weights") not in (None, "DEFAULT", "IMAGENET1K_V1"):
-            label += f" ({r['weights']})"
+        weights = r.get("weights")
+        if weights == "none":
+            label += " (random init)"
+        elif weights not in (None, "DEFAULT", "IMAGENET1K_V1"):
+            label += f" ({weights})"
     if r.get("params"):
         label += f" [{r['params']}]"
     if r.get("standardize") is True:
