@@ -26,8 +26,8 @@ from tqdm import tqdm
 from featprobe.cache import default_cache_dir
 from featprobe.data import Dataset, load_dataset
 from featprobe.errors import FeatprobeError
-from featprobe.images import BadImage, load_rgb
-from featprobe.runs import append_run, compute_metrics, make_record
+from featprobe.images import ImageRows
+from featprobe.runs import append_run, compute_metrics, majority_rate, make_record
 from featprobe.splits import split
 from featprobe.stream import resolve_device
 
@@ -86,25 +86,13 @@ def architecture(n_classes: int, image_size: int, channels: tuple[int, int] = CH
     )
 
 
-class _Pixels(torch.utils.data.Dataset):
+def _pixels(ds: Dataset, image_size: int) -> ImageRows:
     """Rows as ``(index, uint8 tensor 3 x S x S, reason)``; a bad file gives zeros and a reason."""
-
-    def __init__(self, ds: Dataset, image_size: int):
-        self.ds = ds
-        self.size = image_size
-        self.transform = v2.Compose([
-            v2.Resize((image_size, image_size), antialias=True),  # bilinear, on the PIL image
-            v2.PILToTensor(),
-        ])
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_rgb(self.ds.path(i))), ""
-        except BadImage as e:
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e) or "?"
+    transform = v2.Compose([
+        v2.Resize((image_size, image_size), antialias=True),  # bilinear, on the PIL image
+        v2.PILToTensor(),
+    ])
+    return ImageRows(ds, transform, image_size, fill_dtype=torch.uint8)
 
 
 def _workers(workers: int | None) -> int:
@@ -121,7 +109,7 @@ def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -
     """
     n_workers = _workers(workers)
     loader = torch.utils.data.DataLoader(
-        _Pixels(ds, image_size), batch_size=32, shuffle=False, num_workers=n_workers,
+        _pixels(ds, image_size), batch_size=32, shuffle=False, num_workers=n_workers,
         prefetch_factor=4 if n_workers else None,
         generator=torch.Generator().manual_seed(0),  # else it draws worker seeds from torch's RNG
     )
@@ -258,7 +246,6 @@ def baseline(
                                                             batch_size), labels)
     val_metrics = compute_metrics(y_np[s.val], _predict(model, pixels, s.val, dev, batch_size),
                                   labels)
-    majority = int(np.bincount(y_np[s.train], minlength=n_classes).argmax())
 
     params = {
         "image_size": image_size,
@@ -288,7 +275,7 @@ def baseline(
         train=train_metrics,
         val=val_metrics,
         fit_seconds=fit_seconds,
-        majority_rate=float(np.mean(y_np[s.val] == majority)),
+        majority_rate=majority_rate(y_np[s.train], y_np[s.val]),
         decode_seconds=decode_seconds,
         epoch_losses=losses,
     )

@@ -16,7 +16,7 @@ import numpy as np
 
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
-from featprobe.runs import append_run, compute_metrics, make_record
+from featprobe.runs import append_run, compute_metrics, majority_rate, make_record
 from featprobe.splits import split as make_split
 
 # The metadata a saved head carries so that `predict` can rebuild its exact feature extractor.
@@ -26,13 +26,6 @@ HEAD_META_KEYS = ("backbone", "weights", "weights_id", "weights_file", "weights_
 
 def _cache(cache: FeatureCache | str | os.PathLike) -> FeatureCache:
     return cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-
-
-def majority_rate(y_train: np.ndarray, y_val: np.ndarray) -> float:
-    """Val accuracy of always answering the most common training class: the floor to beat."""
-    if len(y_val) == 0:
-        return float("nan")
-    return float(np.mean(y_val == np.bincount(y_train).argmax()))
 
 
 def fit(

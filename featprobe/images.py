@@ -79,10 +79,11 @@ class ImageRows(torch.utils.data.Dataset):
     extraction loop decides (``--on-error``) whether that stops the run or marks the row invalid.
     """
 
-    def __init__(self, ds: Dataset, transform, size: int):
+    def __init__(self, ds: Dataset, transform, size: int, fill_dtype=torch.float32):
         self.ds = ds
         self.transform = transform
         self.size = size
+        self.fill_dtype = fill_dtype
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -91,4 +92,5 @@ class ImageRows(torch.utils.data.Dataset):
         try:
             return i, self.transform(load_rgb(self.ds.path(i))), ""
         except BadImage as e:
-            return i, torch.zeros(3, self.size, self.size), str(e) or "cannot decode"
+            reason = str(e) or "cannot decode"  # never empty: "" means a good row
+            return i, torch.zeros(3, self.size, self.size, dtype=self.fill_dtype), reason

@@ -77,6 +77,13 @@ def compute_metrics(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> dic
     }
 
 
+def majority_rate(y_train: np.ndarray, y_val: np.ndarray) -> float:
+    """Val accuracy of always answering the most common training class: the floor to beat."""
+    if len(y_val) == 0:
+        return float("nan")
+    return float(np.mean(y_val == np.bincount(y_train).argmax()))
+
+
 def _dist_version(module: str, dist: str) -> str | None:
     mod = sys.modules.get(module)
     if mod is not None and isinstance(getattr(mod, "__version__", None), str):
