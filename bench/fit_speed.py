@@ -53,6 +53,10 @@ def main() -> None:
             one_linear = None
             for head in [*args.heads, "linear --sweep"]:
                 name, sweep = head.split()[0], head.endswith("--sweep")
+                if name == "mlp" and d > 8192:
+                    # 4096 hidden units on 25,088 inputs: ~25 TFLOP for 30 epochs, minutes here
+                    print(f"{size:>12} {head:>14}  skipped (use --sizes {size} --heads mlp)")
+                    continue
                 best, acc = float("inf"), None
                 for _ in range(args.repeat if name != "mlp" else 1):
                     rec = fit(cache, head=name, sweep=sweep, runs_dir=tmp)
