@@ -53,7 +53,7 @@ def main() -> None:
             one_linear = None
             for head in [*args.heads, "linear --sweep"]:
                 name, sweep = head.split()[0], head.endswith("--sweep")
-                if name == "mlp" and d > 8192:
+                if name == "mlp" and d > 8192 and len(args.heads) > 1:
                     # 4096 hidden units on 25,088 inputs: ~25 TFLOP for 30 epochs, minutes here
                     print(f"{size:>12} {head:>14}  skipped (use --sizes {size} --heads mlp)")
                     continue
