@@ -75,3 +75,20 @@ def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
     for layer in ("pool5", "fc7"):
         np.testing.assert_array_equal(a.features(layer), b.features(layer))  # identical
     assert not list(killed_dir.glob("*.partial"))
+
+
+def test_two_identical_extracts_one_writer(tmp_path):
+    """Started together, one computes and the other waits for it, then reports the same cache."""
+    csv = _dataset(tmp_path / "data", 40)
+    cmd = [sys.executable, "-m", "featprobe", "extract", str(csv), "--backbone", "resnet18",
+           "--weights", "none", "--image-size", "32", "--batch-size", "2", "--workers", "0",
+           "--cache-dir", str(tmp_path / "c"), "-q"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1
+    waited = ["waiting for it" in err for _, err in outs]
+    assert sum(waited) == 1, outs  # exactly one writer; the other waited for its lock
+    assert FeatureCache(paths.pop()).n_valid == 40
