@@ -359,3 +359,45 @@ def write_arrays(
         partial.consolidate(layers, list(ids), np.asarray(labels), list(classes), attrs, dtype,
                             n_parts)
     return FeatureCache(final)
+
+
+def verify(path: str | os.PathLike, checksums: bool = True) -> dict:
+    """Check a cache's integrity; raise FeatprobeError naming the first problem found.
+
+    Checks completeness and format version (by opening it), that every array has one row per
+    id, that ``n_valid`` and ``/bad`` agree with ``/valid``, that labels index ``classes``, and
+    (``checksums=True``) that each layer's bytes still match the SHA-256 recorded when the
+    cache was consolidated — read in row blocks, so memory stays bounded.
+    """
+    cache = FeatureCache(path)
+    n = len(cache)
+    problems = []
+    if len(cache.labels) != n or len(cache.valid) != n:
+        problems.append(f"labels/valid have {len(cache.labels)}/{len(cache.valid)} rows, ids {n}")
+    if n and (cache.labels.min() < 0 or cache.labels.max() >= len(cache.classes)):
+        problems.append("labels outside the class list")
+    if int(cache.meta.get("n_valid", -1)) != cache.n_valid:
+        problems.append(f"n_valid says {cache.meta.get('n_valid')}, /valid has {cache.n_valid}")
+    if len(cache.bad) != n - cache.n_valid:
+        problems.append(f"/bad lists {len(cache.bad)} rows, /valid marks {n - cache.n_valid}")
+    checked = {}
+    with h5py.File(cache.path, "r") as f:
+        for layer in cache.layers:
+            ds = f["features"][layer]
+            if ds.shape[0] != n:
+                problems.append(f"features/{layer} has {ds.shape[0]} rows, ids {n}")
+                continue
+            recorded = _s(ds.attrs.get("sha256", ""))
+            if not checksums or not recorded:
+                continue
+            h = hashlib.sha256()
+            step = max(1, (64 << 20) // max(1, ds.shape[1] * ds.dtype.itemsize))
+            for start in range(0, n, step):
+                h.update(np.ascontiguousarray(ds[start:start + step]).tobytes())
+            checked[layer] = h.hexdigest() == recorded
+            if not checked[layer]:
+                problems.append(f"features/{layer} does not match its recorded SHA-256")
+    if problems:
+        raise FeatprobeError(f"{cache.path} failed verification: " + "; ".join(problems))
+    return {"path": str(cache.path), "rows": n, "valid": cache.n_valid, "layers": cache.layers,
+            "checksums": checked}

@@ -134,6 +134,18 @@ def info(cache, as_json):
         click.echo(f"bad: {image_id}: {reason}")
 
 
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--no-checksums", is_flag=True, help="Skip re-hashing the feature arrays.")
+def verify(cache, no_checksums):
+    """Check a cache's integrity: completeness, shapes, counts and feature checksums."""
+    from featprobe.cache import verify as run
+
+    r = run(cache, checksums=not no_checksums)
+    sums = ", ".join(f"{k} sha256 ok" for k in r["checksums"]) or "checksums not checked"
+    click.echo(f"ok: {r['path']}: {r['rows']} rows ({r['valid']} valid), {sums}")
+
+
 @main.command(name="list")
 @click.argument("cache_dir", required=False, type=click.Path(file_okay=False))
 def list_(cache_dir):

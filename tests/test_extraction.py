@@ -346,3 +346,25 @@ def test_float16_underflow_is_reported(data, tmp_path, capsys):
                   image_size=32, progress=False, workers=0, dtype="float32")
     assert "use --dtype float32" not in capsys.readouterr().err
     assert np.count_nonzero(c32.features()) > 0
+
+
+def test_verify_detects_tampering(data, tmp_path):
+    from click.testing import CliRunner
+
+    from featprobe.cache import verify
+    from featprobe.cli import main
+
+    cache = extract(data, cache_dir=tmp_path / "c", **FAST)
+    report = verify(cache.path)
+    assert report["rows"] == 12 and report["checksums"] == {"avgpool": True}
+    r = CliRunner().invoke(main, ["verify", str(cache.path)])
+    assert r.exit_code == 0 and "avgpool sha256 ok" in r.output
+    with h5py.File(cache.path, "a") as f:  # one flipped value: the checksum catches it
+        f["features/avgpool"][3, 7] = f["features/avgpool"][3, 7] + 1
+    with pytest.raises(FeatprobeError, match="does not match its recorded SHA-256"):
+        verify(cache.path)
+    assert verify(cache.path, checksums=False)["checksums"] == {}
+    with h5py.File(cache.path, "a") as f:  # counts that disagree with /valid
+        f.attrs["n_valid"] = 5
+    r = CliRunner().invoke(main, ["verify", str(cache.path), "--no-checksums"])
+    assert r.exit_code == 2 and "n_valid says 5" in r.output
