@@ -178,6 +178,17 @@ def read_csv_dataset(
     return ds
 
 
+def _image_files(folder: Path, relative_to: Path) -> list[str]:
+    """Image files under ``folder`` (recursively, hidden files and folders skipped), as paths
+    relative to ``relative_to``, in sorted walk order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.relpath(os.path.join(dirpath, fn), relative_to) for fn in sorted(filenames)
+                if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith(".")]
+    return out
+
+
 def read_folder_dataset(root: str | Path) -> Dataset:
     """Read a class-per-folder tree ``root/<class>/<image>`` (as torchvision's ImageFolder)."""
     root = Path(root)
@@ -186,12 +197,9 @@ def read_folder_dataset(root: str | Path) -> Dataset:
     class_dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     ids, raw = [], []
     for name in class_dirs:
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in sorted(filenames):
-                if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
-                    ids.append(os.path.relpath(os.path.join(dirpath, fn), root))
-                    raw.append(name)
+        found = _image_files(root / name, relative_to=root)
+        ids += found
+        raw += [name] * len(found)
     if not ids:
         raise FeatprobeError(
             f"no images found under {root}: expected {root}/<class>/<image> with extensions "
@@ -207,12 +215,7 @@ def read_image_list(paths: list[str | Path] | str | Path) -> Dataset:
     """Unlabelled images: a folder (searched recursively) or an explicit list of files."""
     if isinstance(paths, (str, Path)) and Path(paths).is_dir():
         root = Path(paths)
-        ids = []
-        for d, dirnames, fs in os.walk(root, followlinks=True):
-            dirnames[:] = [x for x in dirnames if not x.startswith(".")]
-            ids += [os.path.relpath(os.path.join(d, f), root) for f in fs
-                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-        ids.sort()
+        ids = sorted(_image_files(root, relative_to=root))
         if not ids:
             raise FeatprobeError(f"no images found under {root}")
     else:

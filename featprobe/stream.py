@@ -13,7 +13,6 @@ import os
 import queue
 import sys
 import threading
-import time
 
 import numpy as np
 import torch
@@ -151,19 +150,16 @@ class _PartWriter:
         self.partial = partial
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.seconds = 0.0
         self.thread = threading.Thread(target=self._loop, daemon=True, name="featprobe-writer")
         self.thread.start()
 
     def _loop(self):
         while (item := self.q.get()) is not None:
             if self.error is None:
-                t = time.perf_counter()
                 try:
                     self.partial.write_part(*item)
                 except BaseException as e:  # re-raised in the main thread
                     self.error = e
-                self.seconds += time.perf_counter() - t
 
     def check(self):
         if self.error is not None:
