@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from featprobe.errors import FeatprobeError
+from featprobe.faults import crash_point
 
 FORMAT_VERSION = 1
 SUFFIX = ".h5"
@@ -186,6 +187,7 @@ class PartialCache:
                 if on_wait:
                     on_wait()
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            crash_point("lock.acquired")
             yield self
         finally:
             os.close(fd)
@@ -220,7 +222,9 @@ class PartialCache:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("part.tmp_written")
         os.replace(tmp, self.part_path(k))
+        crash_point("part.renamed")
 
     def read_part(self, k: int) -> dict[str, np.ndarray]:
         with np.load(self.part_path(k), allow_pickle=False) as z:
@@ -231,6 +235,7 @@ class PartialCache:
         """Parts → ``<name>.h5`` (atomically), then remove the partial folder."""
         for stale in self.final.parent.glob(self.final.name + ".tmp-*"):
             stale.unlink(missing_ok=True)  # left by a run killed while consolidating
+        crash_point("consolidate.begin")
         tmp = self.final.with_name(f"{self.final.name}.tmp-{os.getpid()}")
         n = len(ids)
         valid = np.ones(n, dtype=bool)
@@ -257,6 +262,8 @@ class PartialCache:
                         )
                     datasets[layer][rows] = x
                     digests[layer].update(np.ascontiguousarray(x).tobytes())
+                    crash_point("consolidate.layer_copied")
+                crash_point("consolidate.part_copied")
             for layer, ds in datasets.items():
                 ds.attrs["sha256"] = digests[layer].hexdigest()
             f.create_dataset("valid", data=valid)
@@ -268,12 +275,18 @@ class PartialCache:
             for key, value in attrs.items():
                 f.attrs[key] = _attr_value(value)
             f.attrs["n_valid"] = int(valid.sum())
+            crash_point("consolidate.before_complete")
             f.attrs["complete"] = True  # last: a file without it is never read as a cache
             f.flush()
+            crash_point("consolidate.flushed")
+        crash_point("consolidate.closed")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        crash_point("consolidate.before_rename")
         os.replace(tmp, self.final)
+        crash_point("consolidate.renamed")
         _fsync_dir(self.final.parent)
+        crash_point("consolidate.before_rmtree")
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.final
 

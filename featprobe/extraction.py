@@ -20,6 +20,7 @@ from featprobe import __version__
 from featprobe.cache import FORMAT_VERSION, FeatureCache, PartialCache, default_cache_dir
 from featprobe.data import Dataset, load_dataset
 from featprobe.errors import FeatprobeError
+from featprobe.faults import crash_point
 
 DTYPES = ("float16", "float32")
 ON_ERROR = ("fail", "skip")
@@ -203,10 +204,12 @@ def _lookup(directory: Path, request: str, fingerprint: str) -> Path | None:
 
 
 def _remember(directory: Path, request: str, final: Path) -> None:
+    crash_point("extract.remember")
     try:
         (directory / REQUESTS).mkdir(exist_ok=True)
         tmp = directory / REQUESTS / f".{request}.tmp-{os.getpid()}"
         tmp.write_text(final.name + "\n")
+        crash_point("request.tmp_written")
         os.replace(tmp, directory / REQUESTS / request)
     except OSError:
         pass  # only a shortcut; the slow path finds the same cache

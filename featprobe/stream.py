@@ -21,6 +21,7 @@ from tqdm import tqdm
 from featprobe import backbones
 from featprobe.cache import PartialCache
 from featprobe.errors import FeatprobeError
+from featprobe.faults import crash_point
 from featprobe.images import ImageRows
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -129,6 +130,7 @@ def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, par
                 bad_ids=np.array([ds.ids[rows[i]] for i in bad], dtype=str),
                 bad_reasons=np.array([reasons[i] for i in bad], dtype=str),
             )
+            crash_point("stream.batch_ready")  # computed, not yet handed to the writer
             writer.put(k, arrays)
     finally:
         stream.close()
