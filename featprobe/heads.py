@@ -115,24 +115,26 @@ class _Feeder:
     """Gathers minibatch rows into reused float32 buffers (float16 rows converted on the way).
 
     Reusing the buffers matters: a fresh 10 MB tensor per step costs page faults comparable
-    to the step itself.
+    to the step itself. ``X`` may be replaced (same dtype, width and device) between
+    calls, which is how the out-of-core source feeds rows from its shuffle buffer.
     """
 
-    def __init__(self, X: np.ndarray, y_idx: np.ndarray, n_classes: int, rows: int, device):
-        self.X = _as_tensor(X)
+    def __init__(self, X, onehot_t: torch.Tensor | None, rows: int, device):
+        self.X = _as_tensor(X) if isinstance(X, np.ndarray) else X
         if device.type != "cpu":  # one transfer, in the stored dtype (float16 stays float16)
             self.X = self.X.to(device)
-        onehot = torch.nn.functional.one_hot(torch.as_tensor(y_idx, dtype=torch.long), n_classes)
-        self.onehot_t = onehot.T.contiguous().to(device=device, dtype=torch.float32)  # [C, N]
-        d = X.shape[1]
+        self.onehot_t = onehot_t  # [C, N] float32, or None (then pass targets to rows())
+        d = self.X.shape[1]
         self._f32 = torch.empty(rows, d, dtype=torch.float32, device=device)
         self._raw = (
             None
             if self.X.dtype == torch.float32
             else torch.empty(rows, d, dtype=self.X.dtype, device=device)
         )
+        self.shift: torch.Tensor | None = None  # optional standardisation, (x - shift) * scale
+        self.scale: torch.Tensor | None = None
 
-    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, idx: torch.Tensor, onehot_t=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``idx`` as float32 ``[k, D]`` (a reused buffer) and their one-hot ``[C, k]``."""
         k = idx.shape[0]
         out = self._f32[:k]
@@ -142,7 +144,41 @@ class _Feeder:
             raw = self._raw[:k]
             torch.index_select(self.X, 0, idx, out=raw)
             out.copy_(raw)
-        return out, torch.index_select(self.onehot_t, 1, idx)
+        if self.shift is not None:
+            out.sub_(self.shift).mul_(self.scale)
+        src = self.onehot_t if onehot_t is None else onehot_t
+        return out, torch.index_select(src, 1, idx)
+
+
+def _onehot_t(y_idx, n_classes: int, device) -> torch.Tensor:
+    """``[C, N]`` float32 one-hot of class indices (the layout the training step reads)."""
+    onehot = torch.nn.functional.one_hot(torch.as_tensor(y_idx, dtype=torch.long), n_classes)
+    return onehot.T.contiguous().to(device=device, dtype=torch.float32)
+
+
+class _ArrayRows:
+    """Training rows held in memory: a whole-array permutation per epoch.
+
+    A *row source* gives the training loop ``n``, ``d``, ``bind`` (targets, buffers),
+    ``epoch`` (the minibatches of one pass, as ``(n_rows, slices)``) and ``check_finite``.
+    :mod:`featprobe.outofcore` has the other source, reading an HDF5 file in blocks.
+    """
+
+    def __init__(self, X: np.ndarray):
+        self.X = X
+        self.n, self.d = X.shape
+
+    def bind(self, y_idx, n_classes: int, slice_rows: int, device) -> None:
+        self.device = device
+        self.feeder = _Feeder(self.X, _onehot_t(y_idx, n_classes, device), slice_rows, device)
+
+    def epoch(self, gen: torch.Generator, batch_size: int, slice_rows: int):
+        perm = torch.randperm(self.n, generator=gen).to(self.device)
+        for idx in perm.split(batch_size):
+            yield idx.shape[0], (self.feeder.rows(part) for part in idx.split(slice_rows))
+
+    def check_finite(self) -> None:
+        _check_finite_rows(self.X)
 
 
 class _Params:
@@ -272,14 +308,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         X, y = validate_data(
             self, X, y, dtype=[np.float32, np.float16], order="C", ensure_all_finite=False
         )
-        check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
-                f"({self.classes_[0]!r})"
-            )
-        return X, y_idx
+        return X, self._set_classes(y)
 
     # ----- training
 
@@ -287,16 +316,20 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         return True
 
     def _train(
-        self, X: np.ndarray, y_idx: np.ndarray, lrs: Sequence[float], wds: Sequence[float]
+        self, data, y_idx: np.ndarray, lrs: Sequence[float], wds: Sequence[float]
     ) -> tuple[list[torch.Tensor], np.ndarray]:
         """Train ``len(lrs)`` heads side by side on the same minibatches.
 
-        Returns the CPU weights (leading dim = head) and the per-epoch mean training loss,
-        ``[epochs, G]``. Head ``g`` gets exactly what a lone fit with ``lrs[g], wds[g]``
-        would: same init, same minibatch order, same update.
+        ``data`` is a float16/float32 array ``[n, D]`` or a row source (see
+        :class:`_ArrayRows`); ``y_idx`` holds the class indices of its rows. Returns the CPU
+        weights (leading dim = head) and the per-epoch mean training loss, ``[epochs, G]``.
+        Head ``g`` gets exactly what a lone fit with ``lrs[g], wds[g]`` would: same init,
+        same minibatch order, same update.
         """
+        if isinstance(data, np.ndarray):
+            data = _ArrayRows(data)
         device = _resolve_device(self.device)
-        n, d = X.shape
+        n, d = data.n, data.d
         n_classes, n_heads = len(self.classes_), len(lrs)
         gen = torch.Generator().manual_seed(_seed(self.random_state))  # CPU: same on any device
         init = self._init_weights(d, n_classes, n_heads, gen)
@@ -310,21 +343,17 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         if self._slice_rows_on_cpu and device.type == "cpu":
             n_slices = math.ceil(bs * 4 * d / _SLICE_BYTES)
         slice_rows = math.ceil(bs / n_slices)
-        feeder = _Feeder(X, y_idx, n_classes, slice_rows, device)
+        data.bind(y_idx, n_classes, slice_rows, device)
 
         curve = torch.zeros(self.epochs, n_heads, device=device)  # summed loss per epoch
         with torch.no_grad():
             for epoch in range(self.epochs):
-                perm = torch.randperm(n, generator=gen).to(device)
                 loss = curve[epoch]
-                for idx in perm.split(bs):
-                    slices = (feeder.rows(part) for part in idx.split(slice_rows))
-                    self._minibatch(
-                        params.weights, params.grads, slices, idx.shape[0], loss, scratch
-                    )
+                for n_rows, slices in data.epoch(gen, bs, slice_rows):
+                    self._minibatch(params.weights, params.grads, slices, n_rows, loss, scratch)
                     opt.step()
                 if epoch == 0 and not bool(torch.isfinite(loss).all()):
-                    _check_finite_rows(X)  # raises if X is the culprit; else a head diverged
+                    data.check_finite()  # raises if X is the culprit; else a head diverged
         curve = (curve.double() / n).cpu().numpy()
         if not np.isfinite(curve[-1]).all():
             warnings.warn(
@@ -373,7 +402,28 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         self
         """
         X, y_idx = self._validate_fit(X, y)
-        weights, curve = self._train(X, y_idx, [float(self.lr)], [float(self.weight_decay)])
+        return self._fit_indexed(X, y_idx)
+
+    def _fit_source(self, data, y) -> _TorchHead:
+        """Fit on a row source (e.g. :class:`featprobe.outofcore.BlockRows`) whose rows, in
+        the source's order, have labels ``y``; the rows themselves are never all in memory."""
+        self._check_params()
+        y_idx = self._set_classes(y)
+        self.n_features_in_ = data.d
+        return self._fit_indexed(data, y_idx)
+
+    def _set_classes(self, y) -> np.ndarray:
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
+                f"({self.classes_[0]!r})"
+            )
+        return y_idx
+
+    def _fit_indexed(self, data, y_idx: np.ndarray) -> _TorchHead:
+        weights, curve = self._train(data, y_idx, [float(self.lr)], [float(self.weight_decay)])
         self._set_weights([w[0].clone() for w in weights])
         self.n_iter_ = int(self.epochs)
         self.loss_curve_ = [float(v) for v in curve[:, 0]]
@@ -872,6 +922,17 @@ def sweep_linear(
         ``grid`` entries have ``lr``, ``weight_decay``, ``train_accuracy``,
         ``val_accuracy``; ``best_estimator_`` is a fitted :class:`LinearHead`.
     """
+    proto, points = _sweep_setup(lrs, weight_decays, epochs, batch_size, device, random_state)
+    X, y_idx = proto._validate_fit(X_train, y_train)
+    weights, curve = proto._train(X, y_idx, [p[0] for p in points], [p[1] for p in points])
+    correct = _sweep_scorer(proto, weights)
+    train_acc = correct(X_train, y_train) / len(y_train)
+    val_acc = correct(X_val, y_val) / max(1, len(y_val))
+    return _sweep_result(proto, points, weights, curve, train_acc, val_acc)
+
+
+def _sweep_setup(lrs, weight_decays, epochs, batch_size, device, random_state):
+    """The unfitted prototype head and the grid points of a linear sweep (checked)."""
     if random_state is None:  # every head must see the same init and batches
         random_state = _seed(None)
     points = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
@@ -885,30 +946,42 @@ def sweep_linear(
             proto.set_params(lr=lr, weight_decay=wd)._check_params()
     except ValueError as e:
         raise FeatprobeError(f"sweep_linear: {e}") from e
-    X, y_idx = proto._validate_fit(X_train, y_train)
-    weights, curve = proto._train(X, y_idx, [p[0] for p in points], [p[1] for p in points])
+    return proto, points
+
+
+def _fitted_linear(proto, weights, curve, **params) -> LinearHead:
+    est = clone(proto).set_params(**params)
+    for k in ("classes_", "n_features_in_", "feature_names_in_"):
+        if hasattr(proto, k):
+            setattr(est, k, getattr(proto, k))
+    est._set_weights(weights)
+    est.n_iter_ = int(proto.epochs)
+    est.loss_curve_ = [float(v) for v in curve]
+    return est
+
+
+def _sweep_scorer(proto, weights):
+    """``correct(X, y) -> [G]``: how many rows of ``(X, y)`` each grid head gets right.
+
+    All heads are scored in one pass: one stacked head with ``G * C`` outputs. Usable on
+    blocks of rows (the counts add up).
+    """
     w, b = weights  # [G, C, D], [G, C]
-
-    def fitted(weights_, curve_, **params) -> LinearHead:
-        est = clone(proto).set_params(**params)
-        for k in ("classes_", "n_features_in_", "feature_names_in_"):
-            if hasattr(proto, k):
-                setattr(est, k, getattr(proto, k))
-        est._set_weights(weights_)
-        est.n_iter_ = int(epochs)
-        est.loss_curve_ = [float(v) for v in curve_]
-        return est
-
-    # Score all heads in one pass per split: one stacked head with G*C outputs.
-    stacked = fitted([w.reshape(-1, w.shape[2]), b.reshape(-1)], [])
+    stacked = _fitted_linear(proto, [w.reshape(-1, w.shape[2]), b.reshape(-1)], [])
     stacked.classes_ = np.arange(w.shape[0] * w.shape[1])
 
-    def accuracies(X_, y_):
+    def correct(X_, y_) -> np.ndarray:
+        if len(y_) == 0:
+            return np.zeros(w.shape[0])
         logits = stacked._logits(X_).reshape(len(X_), w.shape[0], w.shape[1])
         pred = proto.classes_[logits.argmax(axis=2)]  # [n, G]
-        return (pred == np.asarray(y_).reshape(-1, 1)).mean(axis=0)
+        return (pred == np.asarray(y_).reshape(-1, 1)).sum(axis=0)
 
-    train_acc, val_acc = accuracies(X_train, y_train), accuracies(X_val, y_val)
+    return correct
+
+
+def _sweep_result(proto, points, weights, curve, train_acc, val_acc) -> SweepResult:
+    w, b = weights
     grid = [
         {
             "lr": lr,
@@ -919,12 +992,13 @@ def sweep_linear(
         for g, (lr, wd) in enumerate(points)
     ]
     estimators = [
-        fitted([w[g], b[g]], curve[:, g], lr=lr, weight_decay=wd)
+        _fitted_linear(proto, [w[g], b[g]], curve[:, g], lr=lr, weight_decay=wd)
         for g, (lr, wd) in enumerate(points)
     ]
     g = _best(grid)
-    best = fitted(
-        [w[g].clone(), b[g].clone()], curve[:, g], lr=points[g][0], weight_decay=points[g][1]
+    best = _fitted_linear(
+        proto, [w[g].clone(), b[g].clone()], curve[:, g], lr=points[g][0],
+        weight_decay=points[g][1],
     )
     return SweepResult(grid=grid, best=grid[g], best_estimator_=best, estimators_=estimators)
 
