@@ -174,10 +174,14 @@ class PartialCache:
         self.dir = final.with_suffix(PARTIAL_SUFFIX)
 
     @contextmanager
-    def locked(self, on_wait=None):
-        """Hold the writer lock; a second extract of the same cache waits here."""
+    def locked(self, on_wait=None, name: str = "lock"):
+        """Hold a writer lock; a second extract of the same cache waits here.
+
+        ``lock`` guards a whole-dataset writer and consolidation; shard ``i/n`` writes its parts
+        under ``lock-shard-i-of-n``, so shards run side by side but never twice at once.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -195,14 +199,62 @@ class PartialCache:
     def manifest(self, config: dict, part_rows: int, n_rows: int) -> dict:
         """The existing manifest (which must match ``config``) or a new one."""
         path = self.dir / "manifest.json"
-        if path.exists():
-            m = json.loads(path.read_text())
-            if m["config"] != config or m["n_rows"] != n_rows:
-                raise FeatprobeError(f"{self.dir} belongs to a different extract; remove it")
-            return m
         m = {"config": config, "part_rows": int(part_rows), "n_rows": int(n_rows)}
-        _atomic_write(path, json.dumps(m, sort_keys=True, indent=1).encode())
+        # create-if-absent: shards starting together agree on the first manifest written
+        _create_once(path, json.dumps(m, sort_keys=True, indent=1).encode())
+        m = json.loads(path.read_text())
+        if m["config"] != config or m["n_rows"] != n_rows:
+            raise FeatprobeError(f"{self.dir} belongs to a different extract; remove it")
         return m
+
+    def save_dataset(self, ids: list[str], labels: np.ndarray, classes: list,
+                     attrs: dict) -> None:
+        """What consolidation needs besides the parts, so ``featprobe merge`` needs nothing else.
+
+        Written once (by whichever shard gets there first); later writers keep the first.
+        """
+        path = self.dir / "dataset.npz"
+        if not path.exists():
+            import io
+
+            buf = io.BytesIO()
+            np.savez(buf, ids=np.array(ids, dtype=str), labels=np.asarray(labels, np.int64),
+                     classes=np.array(_json_attr(classes)))
+            _create_once(path, buf.getvalue())
+        _create_once(self.dir / "attrs.json", _json_attr(attrs).encode())
+
+    def load_dataset(self) -> tuple[list[str], np.ndarray, list, dict]:
+        with np.load(self.dir / "dataset.npz", allow_pickle=False) as z:
+            ids, labels, classes = z["ids"].tolist(), z["labels"], json.loads(str(z["classes"]))
+        attrs = json.loads((self.dir / "attrs.json").read_text())
+        return ids, labels, classes, attrs
+
+    def missing_parts(self, n_parts: int) -> list[int]:
+        done = self.done_parts()
+        return [k for k in range(n_parts) if k not in done]
+
+    def finish(self) -> Path:
+        """Consolidate a partial folder whose parts are all written (caller holds ``lock``)."""
+        m = json.loads((self.dir / "manifest.json").read_text())
+        n_parts = -(-m["n_rows"] // m["part_rows"])
+        missing = self.missing_parts(n_parts)
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise FeatprobeError(
+                f"{self.final.name}: {len(missing)} of {n_parts} parts are not written yet "
+                f"(parts {shown}); let every shard finish (or rerun the ones that failed), "
+                "then merge"
+            )
+        ids, labels, classes, attrs = self.load_dataset()
+        config = m["config"]
+        try:
+            return self.consolidate(config["layers"], ids, labels, classes, attrs,
+                                    config["dtype"], n_parts)
+        except OSError as e:
+            raise FeatprobeError(
+                f"could not write {self.final} ({e.strerror or e}); the extracted parts are kept "
+                f"in {self.dir}: free space and rerun the same command"
+            ) from None
 
     def part_path(self, k: int) -> Path:
         return self.dir / f"part-{k:06d}.npz"
@@ -302,13 +354,48 @@ def _attr_value(value):
     return _json_attr(value)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _create_once(path: Path, data: bytes) -> bool:
+    """Write ``path`` atomically unless it exists (a hard link never replaces a file)."""
+    if path.exists():
+        return False
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: rename, last writer wins
+        if not path.exists():
+            os.replace(tmp, path)
+            return True
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def merge(path: str | os.PathLike, on_wait=None) -> FeatureCache:
+    """Consolidate the parts that ``extract --shard i/n`` jobs wrote into the final cache.
+
+    ``path`` is the cache file the shards printed (``<name>.h5``) or its ``.partial`` folder.
+    Merging a cache that is already complete just opens it.
+    """
+    p = Path(path)
+    final = p.with_suffix(SUFFIX) if p.suffix == PARTIAL_SUFFIX else p
+    partial = PartialCache(final)
+    if final.exists():
+        return FeatureCache(final)
+    if not (partial.dir / "manifest.json").exists():
+        raise FeatprobeError(f"nothing to merge: {partial.dir} has no extracted parts")
+    if not (partial.dir / "dataset.npz").exists():
+        raise FeatprobeError(f"{partial.dir} was written by an older featprobe; rerun the extract")
+    with partial.locked(on_wait=on_wait):
+        if not final.exists():
+            partial.finish()
+    return FeatureCache(final)
 
 
 def list_caches(directory: str | os.PathLike | None = None) -> list[dict]:

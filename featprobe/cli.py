@@ -77,22 +77,34 @@ _cache_dir_option = click.option(
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Compute precision (auto: bf16 on CUDA, fp32 on CPU).")
 @click.option("--image-size", type=int, help="Crop size instead of the weights' own (e.g. 224).")
+@click.option("--shard", metavar="I/N",
+              help="Compute only shard I of N (0-based), e.g. one task of a SLURM array; the "
+              "last shard to finish merges (or run `featprobe merge`). Not with torchrun, "
+              "whose ranks shard by themselves.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(data, images, image_col, label_col, backbone, weights, layers, cache_dir, device,
-            batch_size, workers, on_error, dtype, precision, image_size, quiet):
+            batch_size, workers, on_error, dtype, precision, image_size, shard, quiet):
     """Run a frozen backbone over every image of DATA once and cache the features.
 
     DATA is a CSV of image names and labels (the tutorial format: image_names,emergency_or_no)
     or a class-per-folder tree (root/<class>/<image>). The cache file name is content-addressed:
     rerunning the same command returns the finished cache at once, and an interrupted run
     resumes where it stopped. The cache's path is printed last on stdout.
+
+    \b
+    Several GPUs or nodes: torchrun --nproc-per-node=4 -m featprobe extract DATA ...
+    Independent jobs:      featprobe extract DATA ... --shard 3/8   (then featprobe merge)
     """
+    import os
+
     from featprobe.extraction import extract as run
 
     cache = run(data, images=images, backbone=backbone, weights=weights, layers=_csv_list(layers),
                 cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers,
                 on_error=on_error, dtype=dtype, precision=precision, image_size=image_size,
-                image_col=image_col, label_col=label_col, progress=not quiet)
+                image_col=image_col, label_col=label_col, progress=not quiet, shard=shard)
+    if cache is None or os.environ.get("RANK", "0") != "0":
+        return  # a shard whose siblings are still running, or a torchrun rank other than 0
     if cache.bad:
         click.echo(f"skipped {len(cache.bad)} unreadable image(s), e.g. {cache.bad[0][0]}: "
                    f"{cache.bad[0][1]}", err=True)
@@ -132,6 +144,20 @@ def info(cache, as_json):
             click.echo(f"{key:20} {json.dumps(value) if not isinstance(value, str) else value}")
     for image_id, reason in c.bad[:10]:
         click.echo(f"bad: {image_id}: {reason}")
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+def merge(cache):
+    """Consolidate the parts written by `extract --shard I/N` jobs into the final cache.
+
+    CACHE is the path the shards printed (cache/<backbone>-<key>.h5) or its .partial folder.
+    Needs no torch and no images: the parts folder describes itself. Prints the cache path.
+    """
+    from featprobe.cache import merge as run
+
+    c = run(cache, on_wait=lambda: click.echo("another process is merging; waiting", err=True))
+    click.echo(str(c.path))
 
 
 @main.command()

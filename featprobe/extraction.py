@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -50,12 +51,21 @@ def extract(
     image_col: str | None = None,
     label_col: str | None = None,
     progress: bool = True,
-) -> FeatureCache:
+    shard: str | tuple[int, int] | None = None,
+) -> FeatureCache | None:
     """Extract features of ``layers`` for every image of ``data`` into an HDF5 cache.
 
     Returns the complete :class:`FeatureCache`. An identical earlier run's cache is returned at
     once (the model is not built); an interrupted one is resumed.
+
+    ``shard="i/n"`` computes only shard ``i`` of ``n`` (for independent jobs such as SLURM
+    arrays; see :mod:`featprobe.sharding`). The shard that finds every part written merges them
+    and returns the cache; the others return ``None`` (``featprobe merge`` also consolidates).
+    Under ``torchrun`` the ranks are the shards and every rank returns the cache.
     """
+    from featprobe import sharding
+
+    shard = sharding.resolve(shard)
     if on_error not in ON_ERROR:
         raise FeatprobeError(f"--on-error must be fail or skip, got {on_error!r}")
     if dtype not in DTYPES:
@@ -80,7 +90,7 @@ def extract(
     layers = resolve_layers(backbone, layers)
     choice = resolve_weights(backbone, weights)
     pre = preprocessing(backbone, choice, image_size)
-    dev = resolve_device(device)
+    dev = resolve_device(sharding.device_for(shard, device))
     prec = resolve_precision(precision, dev)
     config = {
         "format_version": FORMAT_VERSION,
@@ -95,6 +105,8 @@ def extract(
     name, key = cache_name(backbone, config)
     final = directory / (name + ".h5")
     if final.exists():
+        # parts left by a run killed between the final rename and their removal
+        shutil.rmtree(PartialCache(final).dir, ignore_errors=True)
         _remember(directory, request, final)
         return _reuse(final, on_error)
     try:
@@ -106,37 +118,74 @@ def extract(
     def waiting():
         print(f"another featprobe extract is writing {final.name}; waiting for it", file=sys.stderr)
 
-    with partial.locked(on_wait=waiting):
-        if final.exists():  # the other writer finished it
-            return _reuse(final, on_error)
-        cache = _stream(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
-                        config, key, batch_size, workers, progress)
+    if shard.whole:
+        with partial.locked(on_wait=waiting):
+            if final.exists():  # the other writer finished it
+                return _reuse(final, on_error)
+            _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
+                         config, key, batch_size, workers, progress, shard)
+            partial.finish()
+    else:
+        cache = _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
+                               partial, config, key, batch_size, workers, progress, shard, waiting)
+        if cache is None:
+            return None
     _remember(directory, request, final)
-    return cache
+    return _reuse(final, on_error)
 
 
-def _stream(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config, key,
-            batch_size, workers, progress) -> FeatureCache:
-    """Compute the parts still missing, then consolidate them into the final file."""
+def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
+                   key, batch_size, workers, progress, shard, waiting) -> FeatureCache | None:
+    """One shard's parts; then the last shard (or torchrun's rank 0 after a barrier) merges."""
+    from featprobe.cache import merge
+    from featprobe.sharding import ProcessGroup
+
+    group = ProcessGroup(shard, dev.type)
+    try:
+        with partial.locked(on_wait=waiting, name=f"lock-shard-{shard.index}-of-{shard.count}"):
+            n_parts = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
+                                   partial, config, key, batch_size, workers,
+                                   progress and (not shard.torchrun or shard.index == 0), shard)
+        group.barrier()  # torchrun: every rank's parts are on disk past this line
+        if shard.torchrun:
+            if shard.index == 0:
+                merge(partial.final, on_wait=waiting)
+            group.barrier()
+            return FeatureCache(partial.final)
+        missing = partial.missing_parts(n_parts) if not partial.final.exists() else []
+        if missing:
+            print(f"shard {shard} done; {len(missing)} of {n_parts} parts are still to come from "
+                  f"other shards. When they finish, the last one merges; or run: featprobe merge "
+                  f"{partial.final}", file=sys.stderr)
+            return None
+        return merge(partial.final, on_wait=waiting)
+    finally:
+        group.close()
+
+
+def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
+                 key, batch_size, workers, progress, shard) -> int:
+    """Compute this shard's parts that are still missing; return the number of parts in all."""
     import torch
     import torchvision
 
     from featprobe.backbones import weights_sha256
-    from featprobe.stream import default_batch_size, run_parts
+    from featprobe.stream import default_batch_size, default_workers, run_parts
 
     manifest = partial.manifest(config, batch_size or default_batch_size(dev), len(ds))
     part_rows = manifest["part_rows"]
     if batch_size and batch_size != part_rows:
         print(f"resuming with the batch size this cache began with ({part_rows})", file=sys.stderr)
     n_parts = -(-len(ds) // part_rows)
+    mine = shard.parts(n_parts)
     done = partial.done_parts()
-    todo = [k for k in range(n_parts) if k not in done]
-    if done:
-        print(f"resuming {partial.final.name}: {n_parts - len(todo)}/{n_parts} batches already "
-              "done", file=sys.stderr)
-    if todo:
-        run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
-                  part_rows, todo, workers, progress)
+    todo = [k for k in mine if k not in done]
+    if len(todo) < len(mine):
+        what = "batches" if shard.whole else f"batches of shard {shard}"
+        print(f"resuming {partial.final.name}: {len(mine) - len(todo)}/{len(mine)} {what} "
+              "already done", file=sys.stderr)
+    if workers is None and shard.local_count > 1:  # ranks on one node share its cores
+        workers = max(1, default_workers(dev) // shard.local_count)
     attrs = {
         **{k: v for k, v in config.items() if k != "weights"},
         "weights": choice.name if choice.kind != "file" else "file",
@@ -151,14 +200,11 @@ def _stream(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, parti
         "source": ds.source,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        final = partial.consolidate(layers, ds.ids, ds.labels, ds.classes, attrs, dtype, n_parts)
-    except OSError as e:
-        raise FeatprobeError(
-            f"could not write {partial.final} ({e.strerror or e}); the extracted parts are kept "
-            f"in {partial.dir}: free space and rerun the same command"
-        ) from None
-    return FeatureCache(final)
+    partial.save_dataset(ds.ids, ds.labels, ds.classes, attrs)
+    if todo:
+        run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
+                  part_rows, todo, workers, progress)
+    return n_parts
 
 
 def _gpu_visible() -> bool:
