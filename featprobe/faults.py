@@ -12,8 +12,11 @@ point NAME, it sends itself SIGKILL — no cleanup handlers, no buffers flushed,
 then for each JSON job read from stdin (``{"argv": [...], "crash_at": "NAME:COUNT" | null,
 "kill_after": SECONDS | null, "log": PATH}``) forks a child that runs ``featprobe <argv>`` with
 the fault armed (or is SIGKILLed from outside after ``kill_after`` seconds), and answers one
-JSON line ``{"status": EXIT_CODE or -SIGNAL, "seconds": ...}``. Forking from a process that
-has imported torch but run nothing saves the ~5 s torch import per run.
+JSON line ``{"status": EXIT_CODE or -SIGNAL, "seconds": ...}``. Optional job keys simulate a
+full disk (``"fsize": BYTES``: ``RLIMIT_FSIZE`` with SIGXFSZ ignored, so a write past it fails
+with EFBIG) and an unprivileged user (``"uid": N``, for read-only tests when run as root).
+Forking from a process that has imported torch but run nothing saves the ~5 s torch import
+per run.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def crash_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-arm(os.environ.get(ENV))
+# FEATPROBE_CRASH_RANK=R arms the point in torchrun rank R only (the others run on)
+if os.environ.get("FEATPROBE_CRASH_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
+    arm(os.environ.get(ENV))
 
 
 def _serve() -> None:  # pragma: no cover - exercised through subprocesses by the tests
@@ -80,6 +85,15 @@ def _serve() -> None:  # pragma: no cover - exercised through subprocesses by th
                 os.dup2(fd, 2)
                 if job.get("crash_at"):
                     os.environ[ENV] = job["crash_at"]
+                if job.get("uid") is not None:
+                    os.setgroups([])
+                    os.setgid(job["uid"])
+                    os.setuid(job["uid"])
+                if job.get("fsize") is not None:
+                    import resource
+
+                    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
                 faults.arm(job.get("crash_at"))
                 try:
                     main(job["argv"], prog_name="featprobe")

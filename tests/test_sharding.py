@@ -152,3 +152,18 @@ def test_torchrun_two_ranks_gloo_equals_single_process(data, reference, tmp_path
     assert_same_cache(reference, FeatureCache(lines[0]))
     # both ranks wrote parts: the manifest and the shard locks of both are gone after merge
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_rank_dying_fails_the_job_and_a_rerun_resumes(data, reference, tmp_path):
+    r = _torchrun(data, tmp_path, {"FEATPROBE_CRASH_AT": "part.renamed:2",
+                                   "FEATPROBE_CRASH_RANK": "1"})
+    assert r.returncode != 0
+    assert "FAILED" in r.stderr or "failed" in r.stderr  # torchrun names the dead rank
+    final = tmp_path / reference.path.name
+    assert not final.exists()
+    [row] = list_caches(tmp_path)
+    assert not row["complete"]
+    r = _torchrun(data, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "batches of shard 1/2 already done" in r.stderr
+    assert_same_cache(reference, FeatureCache(final))
