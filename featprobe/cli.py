@@ -76,6 +76,9 @@ _cache_dir_option = click.option(
               show_default=True, help="Storage type of the features.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Compute precision (auto: bf16 on CUDA, fp32 on CPU).")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+              show_default=True, help="JPEG decoding: PIL in workers (cpu) or on the device "
+              "(gpu; other formats still PIL); auto: gpu on CUDA. Not in the cache key.")
 @click.option("--image-size", type=int, help="Crop size instead of the weights' own (e.g. 224).")
 @click.option("--shard", metavar="I/N",
               help="Compute only shard I of N (0-based), e.g. one task of a SLURM array; the "
@@ -83,7 +86,7 @@ _cache_dir_option = click.option(
               "whose ranks shard by themselves.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(data, images, image_col, label_col, backbone, weights, layers, cache_dir, device,
-            batch_size, workers, on_error, dtype, precision, image_size, shard, quiet):
+            batch_size, workers, on_error, dtype, precision, decode, image_size, shard, quiet):
     """Run a frozen backbone over every image of DATA once and cache the features.
 
     DATA is a CSV of image names and labels (the tutorial format: image_names,emergency_or_no)
@@ -102,7 +105,8 @@ def extract(data, images, image_col, label_col, backbone, weights, layers, cache
     cache = run(data, images=images, backbone=backbone, weights=weights, layers=_csv_list(layers),
                 cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers,
                 on_error=on_error, dtype=dtype, precision=precision, image_size=image_size,
-                image_col=image_col, label_col=label_col, progress=not quiet, shard=shard)
+                image_col=image_col, label_col=label_col, progress=not quiet, shard=shard,
+                decode=decode)
     if cache is None or os.environ.get("RANK", "0") != "0":
         return  # a shard whose siblings are still running, or a torchrun rank other than 0
     if cache.bad:

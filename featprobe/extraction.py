@@ -25,6 +25,7 @@ from featprobe.faults import crash_point
 
 DTYPES = ("float16", "float32")
 ON_ERROR = ("fail", "skip")
+DECODES = ("auto", "cpu", "gpu")  # featprobe.decoding.DECODES, without importing torch
 REQUESTS = ".requests"  # request hash -> cache file name, for the torch-free rerun
 
 
@@ -52,6 +53,7 @@ def extract(
     label_col: str | None = None,
     progress: bool = True,
     shard: str | tuple[int, int] | None = None,
+    decode: str = "auto",
 ) -> FeatureCache | None:
     """Extract features of ``layers`` for every image of ``data`` into an HDF5 cache.
 
@@ -62,6 +64,11 @@ def extract(
     arrays; see :mod:`featprobe.sharding`). The shard that finds every part written merges them
     and returns the cache; the others return ``None`` (``featprobe merge`` also consolidates).
     Under ``torchrun`` the ranks are the shards and every rank returns the cache.
+
+    ``decode``: ``cpu`` (PIL in DataLoader workers), ``gpu`` (JPEGs decoded on the device, see
+    :mod:`featprobe.decoding`; on a CPU device the same tensor path runs on CPU) or ``auto``
+    (``gpu`` on CUDA). It does not enter the cache key (the features agree within a stated
+    tolerance); the cache's ``decode`` attribute records which path made it.
     """
     from featprobe import sharding
 
@@ -70,6 +77,8 @@ def extract(
         raise FeatprobeError(f"--on-error must be fail or skip, got {on_error!r}")
     if dtype not in DTYPES:
         raise FeatprobeError(f"--dtype must be float16 or float32, got {dtype!r}")
+    if decode not in DECODES:
+        raise FeatprobeError(f"--decode must be auto, cpu or gpu, got {decode!r}")
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
     ds = data if isinstance(data, Dataset) else load_dataset(data, images, image_col, label_col)
@@ -85,6 +94,7 @@ def extract(
 
     # a new request: resolve everything (this imports torch and torchvision)
     from featprobe.backbones import preprocessing, resolve_layers, resolve_weights
+    from featprobe.decoding import resolve_decode
     from featprobe.stream import resolve_device, resolve_precision
 
     layers = resolve_layers(backbone, layers)
@@ -92,6 +102,7 @@ def extract(
     pre = preprocessing(backbone, choice, image_size)
     dev = resolve_device(sharding.device_for(shard, device))
     prec = resolve_precision(precision, dev)
+    decode = resolve_decode(decode, dev)
     config = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
@@ -123,11 +134,12 @@ def extract(
             if final.exists():  # the other writer finished it
                 return _reuse(final, on_error)
             _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
-                         config, key, batch_size, workers, progress, shard)
+                         config, key, batch_size, workers, progress, shard, decode=decode)
             partial.finish()
     else:
         cache = _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
-                               partial, config, key, batch_size, workers, progress, shard, waiting)
+                               partial, config, key, batch_size, workers, progress, shard, waiting,
+                               decode=decode)
         if cache is None:
             return None
     _remember(directory, request, final)
@@ -135,7 +147,8 @@ def extract(
 
 
 def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
-                   key, batch_size, workers, progress, shard, waiting) -> FeatureCache | None:
+                   key, batch_size, workers, progress, shard, waiting,
+                   decode="cpu") -> FeatureCache | None:
     """One shard's parts; then the last shard (or torchrun's rank 0 after a barrier) merges."""
     from featprobe.cache import merge
     from featprobe.sharding import ProcessGroup
@@ -145,7 +158,8 @@ def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error
         with partial.locked(on_wait=waiting, name=f"lock-shard-{shard.index}-of-{shard.count}"):
             n_parts = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
                                    partial, config, key, batch_size, workers,
-                                   progress and (not shard.torchrun or shard.index == 0), shard)
+                                   progress and (not shard.torchrun or shard.index == 0), shard,
+                                   decode=decode)
         group.barrier()  # torchrun: every rank's parts are on disk past this line
         if shard.torchrun:
             if shard.index == 0:
@@ -164,7 +178,7 @@ def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error
 
 
 def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
-                 key, batch_size, workers, progress, shard) -> int:
+                 key, batch_size, workers, progress, shard, decode="cpu") -> int:
     """Compute this shard's parts that are still missing; return the number of parts in all."""
     import torch
     import torchvision
@@ -197,13 +211,14 @@ def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, 
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "decode": decode,  # not in the cache key: cpu and gpu agree within docs' tolerance
         "source": ds.source,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     partial.save_dataset(ds.ids, ds.labels, ds.classes, attrs)
     if todo:
         run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
-                  part_rows, todo, workers, progress)
+                  part_rows, todo, workers, progress, decode=decode)
     return n_parts
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featprobe import backbones
+from featprobe import backbones, decoding
 from featprobe.cache import PartialCache
 from featprobe.errors import FeatprobeError
 from featprobe.faults import crash_point
@@ -59,11 +59,16 @@ def default_workers(device: torch.device) -> int:
 
 
 def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers=None,
-                    progress=True, initial=0, desc=None):
+                    progress=True, initial=0, desc=None, decode="cpu"):
     """Yield ``(rows, {layer: float32 array}, reasons)`` for each batch of row indices.
 
     The model is built here, so callers that find nothing to do never pay for it. ``reasons[i]``
     is "" for a good image and why it could not be read otherwise (its features are garbage).
+
+    ``decode="cpu"``: DataLoader workers decode and preprocess with PIL. ``decode="gpu"``: the
+    workers read file bytes (and PIL-decode only what the tensor decoder will not take); this
+    process decodes each batch's JPEGs on ``dev`` (:mod:`featprobe.decoding`). On CUDA the
+    features of batch k are copied back while batch k+1 is decoded and run (one batch in flight).
     """
     model = backbones.build_model(backbone, choice)
     sources = backbones.layer_sources(backbone, model, layers)
@@ -71,10 +76,17 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
     # channels-last is 1.5-2x faster for convolutions on GPUs and on CPUs alike (oneDNN)
     extractor = extractor.to(memory_format=torch.channels_last)
     n_workers = default_workers(dev) if workers is None else workers
+    transform = backbones.make_transform(pre)
+    if decode == "gpu":
+        rows, collate = decoding.EncodedRows(ds, transform, pre["crop_size"][0]), \
+            decoding.collate_encoded
+    else:
+        rows, collate = ImageRows(ds, transform, pre["crop_size"][0]), None
     loader = torch.utils.data.DataLoader(
-        ImageRows(ds, backbones.make_transform(pre), pre["crop_size"][0]),
+        rows,
         batch_sampler=batches,
         num_workers=n_workers,
+        collate_fn=collate,
         pin_memory=dev.type == "cuda",
         prefetch_factor=4 if n_workers else None,
     )
@@ -85,25 +97,56 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
         torch.autocast(dev.type, dtype=_AUTOCAST[prec]) if prec in _AUTOCAST
         else contextlib.nullcontext()
     )
+    cuda = dev.type == "cuda"
+    pending = None  # CUDA: (index, {layer: pinned host tensor}, copy-done event, reasons)
     try:
-        for index, x, reasons in loader:
-            with torch.inference_mode(), autocast:
-                x = x.to(dev, non_blocking=True)
-                x = x.contiguous(memory_format=torch.channels_last)
-                out = extractor(x)
-                feats = {layer: out[layer].float().cpu().numpy() for layer in layers}
-            yield index.tolist(), feats, list(reasons)
-            bar.update(len(index))
+        for batch in loader:
+            with torch.inference_mode():
+                if decode == "gpu":
+                    index, x, reasons = decoding.assemble(batch, pre, dev, transform)
+                else:
+                    index, x, reasons = batch
+                with autocast:
+                    x = x.to(dev, non_blocking=True)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    out = extractor(x)
+                    if not cuda:  # exactly the CPU loop as it always was
+                        feats = {layer: out[layer].float().cpu().numpy() for layer in layers}
+                        yield index.tolist(), feats, list(reasons)
+                        bar.update(len(index))
+                        continue
+                    host = {}
+                    for layer in layers:
+                        y = out[layer].float()
+                        host[layer] = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                        host[layer].copy_(y, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+            if pending is not None:
+                yield _landed(pending)
+                bar.update(len(pending[0]))
+            pending = (index, host, done, list(reasons))
+        if pending is not None:
+            yield _landed(pending)
+            bar.update(len(pending[0]))
     finally:
         bar.close()
 
 
+def _landed(pending):
+    """Wait for a batch's device-to-host copies; its ``(rows, features, reasons)``."""
+    index, host, done, reasons = pending
+    done.synchronize()
+    return index.tolist(), {layer: t.numpy() for layer, t in host.items()}, reasons
+
+
 def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, part_rows,
-              todo, workers, progress) -> None:
+              todo, workers, progress, decode="cpu") -> None:
     """Compute the missing parts, one crash-safe part per batch, written on a thread."""
     batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
     stream = feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers,
-                             progress, initial=len(ds) - sum(len(b) for b in batches))
+                             progress, initial=len(ds) - sum(len(b) for b in batches),
+                             decode=decode)
     writer = _PartWriter(partial)
     lost = kept = 0  # nonzero values that float16 storage turns into 0 or inf
     try:

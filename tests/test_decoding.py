@@ -238,3 +238,50 @@ def test_real_features_and_top1_agree_with_the_pil_path():
     assert pixel <= PIXEL_TOL
     assert rel < 0.01
     assert agree == 20
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_extract_through_the_tensor_path_matches_the_pil_cache(tmp_path):
+    """``extract(decode="gpu", device="cpu")``: the tensor path on CPU; same key, close features."""
+    from click.testing import CliRunner
+
+    from featprobe.cache import FeatureCache
+    from featprobe.cli import main
+    from featprobe.extraction import extract
+
+    root = tmp_path / "images"
+    root.mkdir()
+    lines = ["image_names,label"]
+    for i in range(10):
+        Image.fromarray(_photo(90 + 7 * i, 70, seed=i)).save(root / f"{i}.jpg", quality=90)
+        lines.append(f"{i}.jpg,{i % 2}")
+    Image.fromarray(_photo(80, 80)).save(root / "p.png")
+    Image.fromarray(_photo(80, 60)).convert("L").save(root / "g.jpg")
+    (root / "t.jpg").write_bytes((root / "0.jpg").read_bytes()[:400])
+    lines += ["p.png,0", "g.jpg,1", "t.jpg,0"]
+    csv = tmp_path / "train.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    kw = dict(images=root, backbone="resnet18", weights="none", image_size=48, dtype="float32",
+              batch_size=4, on_error="skip", progress=False)
+    pil = extract(csv, cache_dir=tmp_path / "a", decode="cpu", workers=0, **kw)
+    r = CliRunner().invoke(main, ["extract", str(csv), "--images", str(root), "--backbone",
+                                  "resnet18", "--weights", "none", "--image-size", "48",
+                                  "--dtype", "float32", "--batch-size", "4", "--on-error", "skip",
+                                  "--workers", "1", "--decode", "gpu", "--cache-dir",
+                                  str(tmp_path / "b"), "-q"])
+    assert r.exit_code == 0, r.output
+    gpu = FeatureCache(r.output.strip().splitlines()[-1])
+    assert pil.path.name == gpu.path.name  # decode is not in the cache key
+    assert (pil.meta["decode"], gpu.meta["decode"]) == ("cpu", "gpu")
+    assert pil.bad == gpu.bad and [i for i, _ in gpu.bad] == ["t.jpg"]
+    a, b = pil.features(), gpu.features()
+    rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12)
+    assert rel.max() < 0.02, rel.max()
+    assert np.array_equal(a[~pil.valid], b[~gpu.valid])  # the bad row: zeros in both
+    # the same request again, asking for gpu: the finished cache, whichever path made it
+    again = extract(csv, cache_dir=tmp_path / "a", decode="gpu", workers=0, **kw)
+    assert again.path == pil.path and again.meta["decode"] == "cpu"
+    with pytest.raises(FeatprobeError, match="--decode must be"):
+        extract(csv, cache_dir=tmp_path / "a", decode="nvjpeg", **kw)
