@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,67 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _WriteGuard:
+    """A file for h5py's ``fileobj`` driver that fails once, then discards.
+
+    When a write fails (full disk, file-size limit), HDF5 cannot close the file: every later
+    flush fails too, and the interpreter crashes at exit. So the first failure is raised (and
+    kept in ``error``) and everything after it is dropped, letting h5py close cleanly; the
+    caller deletes the file.
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def _guard(self, op, *args, done=None):
+        if self.error is None:
+            try:
+                return op(*args)
+            except OSError as e:
+                self.error = e
+                raise
+        return done
+
+    def write(self, b) -> int:
+        return self._guard(self.raw.write, b, done=memoryview(b).nbytes)
+
+    def truncate(self, size=None):
+        return self._guard(self.raw.truncate, size, done=size)
+
+    def flush(self) -> None:
+        self._guard(self.raw.flush)
+
+    def seek(self, *args) -> int:
+        return self.raw.seek(*args)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, *args) -> bytes:
+        return self.raw.read(*args)
+
+    def readinto(self, b) -> int:
+        return self.raw.readinto(b)
+
+
+@contextmanager
+def _h5_create(path: Path):
+    """``h5py.File(path, "w")`` that turns a failed write into its OSError and fsyncs on close."""
+    with open(path, "w+b", buffering=0) as raw:
+        guard = _WriteGuard(raw)
+        try:
+            with h5py.File(guard, "w") as f:
+                yield f
+        except Exception:
+            if guard.error is not None:
+                raise guard.error from None
+            raise
+        if guard.error is not None:
+            raise guard.error
+        os.fsync(raw.fileno())
 
 
 def _json_attr(value) -> str:
@@ -250,10 +312,15 @@ class PartialCache:
         try:
             return self.consolidate(config["layers"], ids, labels, classes, attrs,
                                     config["dtype"], n_parts)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # h5py reports a failed write as RuntimeError
+            code = getattr(e, "errno", None) or _h5_errno(e)
+            if code is None and not isinstance(e, OSError):
+                raise
+            for tmp in self.final.parent.glob(self.final.name + ".tmp-*"):
+                tmp.unlink(missing_ok=True)  # give the space back now, not on the next run
             raise FeatprobeError(
-                f"could not write {self.final} ({e.strerror or e}); the extracted parts are kept "
-                f"in {self.dir}: free space and rerun the same command"
+                f"could not write {self.final} ({os.strerror(code) if code else e}); the extracted "
+                f"parts are kept in {self.dir}: free space and rerun the same command"
             ) from None
 
     def part_path(self, k: int) -> Path:
@@ -293,7 +360,7 @@ class PartialCache:
         valid = np.ones(n, dtype=bool)
         bad: list[tuple[str, str]] = []
         digests = {layer: hashlib.sha256() for layer in layers}
-        with h5py.File(tmp, "w") as f:
+        with _h5_create(tmp) as f:
             f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
             lab = f.create_dataset("labels", data=labels.astype(np.int64))
             lab.attrs["classes"] = _json_attr(classes)
@@ -332,8 +399,6 @@ class PartialCache:
             f.flush()
             crash_point("consolidate.flushed")
         crash_point("consolidate.closed")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
         crash_point("consolidate.before_rename")
         os.replace(tmp, self.final)
         crash_point("consolidate.renamed")
@@ -341,6 +406,12 @@ class PartialCache:
         crash_point("consolidate.before_rmtree")
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.final
+
+
+def _h5_errno(e: BaseException) -> int | None:
+    """The errno inside an HDF5 error message ("... errno = 28, ..."), if there is one."""
+    m = re.search(r"errno = (\d+)", str(e))
+    return int(m.group(1)) if m else None
 
 
 def _attr_value(value):
