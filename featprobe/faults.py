@@ -100,6 +100,11 @@ def _serve() -> None:  # pragma: no cover - exercised through subprocesses by th
                     code = 0
                 except SystemExit as e:
                     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                except BaseException:  # as an uncaught exception would end `featprobe`
+                    import traceback
+
+                    traceback.print_exc()
+                    code = 1
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()

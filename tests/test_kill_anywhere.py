@@ -67,10 +67,12 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "featprobe.faults"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def run(self, argv: list[str], crash_at: str | None = None, timeout: float = 180) -> tuple:
+    def run(self, argv: list[str], crash_at: str | None = None, timeout: float = 180,
+            **options) -> tuple:
+        """Run ``featprobe <argv>``; ``options``: fsize, uid (see featprobe.faults)."""
         self.n += 1
         log = self.logs / f"run{self.n:02d}.log"
-        job = {"argv": argv, "crash_at": crash_at, "log": str(log)}
+        job = {"argv": argv, "crash_at": crash_at, "log": str(log), **options}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
