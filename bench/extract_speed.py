@@ -1,17 +1,26 @@
 """Extraction throughput: model-only vs featprobe's end-to-end extract, in one process.
 
     .venv/bin/python bench/extract_speed.py --backbone vgg16 --n 64 [--device cpu] [--batch-size 32]
+    python3 bench/extract_speed.py --backbone vgg16 --n 4000 --device cuda --decode gpu,cpu
 
 (a) model-only: the same backbone, batch size, precision and memory format on tensors already
     on the device; (b) end-to-end: `featprobe.extract` over real JPEG files (500×375, quality
-    90, made here in a temp dir) into a fresh cache. Prints both, where the time goes (decode +
-    preprocess measured alone, forward, part writes), peak RSS, and last the ratio line
-    `end-to-end/model-only: 0.NN`.
+    90, made here in a temp dir by a process pool) into a fresh cache, once per `--decode` path
+    (`cpu`: PIL in DataLoader workers; `gpu`: bytes from the workers, JPEGs decoded on the
+    device; on a CPU device `gpu` runs the same tensor path on CPU). Also the steady streaming
+    rate (decode → forward → part writes, without model build and consolidation), and where the
+    time goes, each stage measured alone: decode (+ preprocess, with the same workers), host-to-
+    device copy, forward (= model-only), part write. Prints peak RSS, and last the ratio line
+    `end-to-end/model-only: 0.NN` (of the path `--decode auto` picks on this device, when several
+    are measured). `--summary FILE` also writes the figures as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -24,39 +33,79 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featprobe import backbones  # noqa: E402
+from featprobe import backbones, decoding  # noqa: E402
+from featprobe.cache import PartialCache  # noqa: E402
+from featprobe.data import load_dataset  # noqa: E402
 from featprobe.extraction import extract  # noqa: E402
-from featprobe.images import load_rgb  # noqa: E402
-from featprobe.stream import _AUTOCAST, resolve_device, resolve_precision  # noqa: E402
+from featprobe.images import ImageRows  # noqa: E402
+from featprobe.stream import (  # noqa: E402
+    _AUTOCAST,
+    _PartWriter,
+    default_workers,
+    feature_batches,
+    resolve_device,
+    resolve_precision,
+)
+
+W, H = 500, 375
+N_BASES = 32
 
 
-def make_jpegs(root: Path, n: int) -> Path:
+def _base(i: int) -> np.ndarray:
+    """A smooth photo-like picture (JPEG-friendly) with a little noise."""
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:H, 0:W]
+    base = np.stack([np.sin(xx / (20 + i % 7)), np.cos(yy / (15 + i % 5)),
+                     np.sin((xx + yy) / (30 + i % 11))], -1)
+    return ((base + 1) * 110 + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
+
+
+def _write(job):
+    """Files ``start..stop``: one of a few base pictures, shifted and tinted, re-encoded."""
+    folder, start, stop = job
+    bases = {}
+    for i in range(start, stop):
+        b = bases.setdefault(i % N_BASES, _base(i % N_BASES))
+        a = np.roll(b, (i * 7) % W, axis=1)
+        a = np.clip(a.astype(np.int16) + (i % 13) - 6, 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(Path(folder) / f"{i:06d}.jpg", quality=90)
+
+
+def make_jpegs(root: Path, n: int, jobs: int | None = None) -> Path:
     (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500]
-    lines = ["image_names,label"]
-    for i in range(n):  # smooth photo-like content (JPEG-friendly), plus a little noise
-        base = np.stack([np.sin(xx / (20 + i % 7)) , np.cos(yy / (15 + i % 5)),
-                         np.sin((xx + yy) / 30)], -1)
-        a = ((base + 1) * 110 + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(a).save(root / "images" / f"{i:05d}.jpg", quality=90)
-        lines.append(f"{i:05d}.jpg,{i % 2}")
+    jobs = jobs or len(os.sched_getaffinity(0))
+    step = max(1, -(-n // (4 * jobs)))
+    chunks = [(str(root / "images"), s, min(n, s + step)) for s in range(0, n, step)]
+    if jobs > 1 and len(chunks) > 1:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            pool.map(_write, chunks)
+    else:
+        for c in chunks:
+            _write(c)
+    lines = ["image_names,label"] + [f"{i:06d}.jpg,{i % 2}" for i in range(n)]
     (root / "train.csv").write_text("\n".join(lines) + "\n")
     return root / "train.csv"
 
 
-def model_only(backbone: str, layers, dev, prec: str, batch: int, seconds: float) -> float:
-    choice = backbones.resolve_weights(backbone, "none")
-    model = backbones.build_model(backbone, choice)
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _extractor(backbone, layers, dev):
+    model = backbones.build_model(backbone, backbones.resolve_weights(backbone, "none"))
     ext = backbones.FeatureExtractor(model, backbones.layer_sources(backbone, model, layers))
-    ext = ext.to(dev).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
+    return ext.to(dev).to(memory_format=torch.channels_last)
+
+
+def model_only(ext, layers, dev, prec: str, batch: int, size: int, seconds: float) -> float:
+    x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast(dev.type, dtype=_AUTOCAST[prec]) if prec in _AUTOCAST else None
     n, t = 0, None
     with torch.inference_mode():
         if ctx:
             ctx.__enter__()
-        for i in range(10_000):
+        for i in range(100_000):
             out = ext(x)
             _ = {k: v.float().cpu() for k, v in out.items()}  # features leave the device
             if i == 0:  # warm-up batch not timed
@@ -70,6 +119,91 @@ def model_only(backbone: str, layers, dev, prec: str, batch: int, seconds: float
     return n / (time.perf_counter() - t)
 
 
+def decode_stage(ds, pre, dev, mode, batch, workers, max_batches) -> float:
+    """img/s of decode + preprocess alone: the DataLoader, plus the device decode for ``gpu``."""
+    transform = backbones.make_transform(pre)
+    if mode == "gpu":
+        rows, collate = decoding.EncodedRows(ds, transform, pre["crop_size"][0]), \
+            decoding.collate_encoded
+    else:
+        rows, collate = ImageRows(ds, transform, pre["crop_size"][0]), None
+    n = min(len(ds), batch * max_batches)
+    batches = [list(range(s, min(n, s + batch))) for s in range(0, n, batch)]
+    loader = torch.utils.data.DataLoader(rows, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=collate, pin_memory=dev.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
+    t, seen = None, 0
+    with torch.inference_mode():
+        for b in loader:
+            if mode == "gpu":
+                _, x, _ = decoding.assemble(b, pre, dev, transform)
+            else:
+                x = b[1].to(dev, non_blocking=True)
+            _sync(dev)
+            if t is None:  # the first batch waits for worker start-up: not timed
+                t = time.perf_counter()
+                continue
+            seen += len(x)
+    return seen / (time.perf_counter() - t) if seen else float("nan")
+
+
+def h2d_stage(ds, pre, dev, mode, batch, repeats=20) -> float:
+    """img/s of the host-to-device copy of one pinned batch: pixels (cpu) or JPEG bytes (gpu)."""
+    if dev.type != "cuda":
+        return float("nan")
+    if mode == "gpu":
+        nbytes = sum(os.path.getsize(ds.path(i)) for i in range(min(len(ds), batch)))
+        host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    else:
+        c = pre["crop_size"][0]
+        host = torch.empty(batch, 3, c, c).pin_memory()
+    host.to(dev)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        host.to(dev, non_blocking=True)
+    _sync(dev)
+    return batch * repeats / (time.perf_counter() - t)
+
+
+def write_stage(dims: dict, batch: int, root: Path, repeats=8) -> float:
+    """img/s of writing float16 feature parts (npz + fsync + rename), as the writer thread does."""
+    partial = PartialCache(root / "w.h5")
+    partial.dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {f"f_{k}": rng.random((batch, d), dtype=np.float32).astype(np.float16)
+              for k, d in dims.items()}
+    arrays.update(start=np.int64(0), valid=np.ones(batch, bool), bad_ids=np.array([], str),
+                  bad_reasons=np.array([], str))
+    t = time.perf_counter()
+    for k in range(repeats):
+        partial.write_part(k, arrays)
+    return batch * repeats / (time.perf_counter() - t)
+
+
+def stream_rate(ds, backbone, layers, pre, dev, prec, batch, workers, mode, root: Path) -> float:
+    """Steady img/s of decode → forward → part writes (first batch, model build excluded)."""
+    choice = backbones.resolve_weights(backbone, "none")
+    batches = [list(range(s, min(len(ds), s + batch))) for s in range(0, len(ds), batch)]
+    partial = PartialCache(root / f"s-{mode}.h5")
+    partial.dir.mkdir(parents=True)
+    writer = _PartWriter(partial)
+    t, seen = None, 0
+    try:
+        for k, (rows, feats, _) in enumerate(feature_batches(
+                ds, backbone, choice, layers, pre, dev, prec, batches, workers, progress=False,
+                decode=mode)):
+            writer.put(k, {f"f_{x}": v.astype(np.float16) for x, v in feats.items()})
+            if t is None:
+                t = time.perf_counter()
+                continue
+            seen += len(rows)
+    finally:
+        writer.close()
+    writer.check()
+    return seen / (time.perf_counter() - t) if seen else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="vgg16")
@@ -77,40 +211,86 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--decode", default="auto",
+                    help="auto, cpu, gpu, or a comma-separated list (e.g. gpu,cpu)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None, help="crop size (default: 224)")
     ap.add_argument("--seconds", type=float, default=20.0, help="model-only timing budget")
+    ap.add_argument("--stage-batches", type=int, default=8, help="batches per stage measurement")
+    ap.add_argument("--jobs", type=int, default=None, help="processes making the JPEGs")
+    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
+    ap.add_argument("--summary", help="also write the figures to this JSON file")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     prec = resolve_precision(args.precision, dev)
     batch = args.batch_size or (256 if dev.type == "cuda" else 32)
+    workers = default_workers(dev) if args.workers is None else args.workers
+    modes = [decoding.resolve_decode(m.strip(), dev) for m in args.decode.split(",")]
+    primary = decoding.resolve_decode("auto", dev)
+    primary = primary if primary in modes else modes[0]
     layers = backbones.resolve_layers(args.backbone, args.layers.split(",") if args.layers
                                       else None)
-    print(f"{args.backbone} layers={','.join(layers)} device={dev} precision={prec} "
-          f"batch={batch} n={args.n} torch={torch.__version__} threads={torch.get_num_threads()}")
+    pre = backbones.preprocessing(args.backbone, backbones.resolve_weights(args.backbone, "none"),
+                                  args.image_size)
+    size = pre["crop_size"][0]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"{args.backbone} layers={','.join(layers)} device={dev} ({name}) precision={prec} "
+          f"batch={batch} n={args.n} workers={workers} decode={','.join(modes)} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
+    res: dict = {"backbone": args.backbone, "device": name, "precision": prec, "batch": batch,
+                 "n": args.n, "workers": workers, "decode": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        csv = make_jpegs(Path(tmp), args.n)
         t = time.perf_counter()
-        pre = backbones.preprocessing(args.backbone, backbones.resolve_weights(args.backbone,
-                                                                              "none"))
-        transform = backbones.make_transform(pre)
-        files = sorted((Path(tmp) / "images").glob("*.jpg"))[: min(args.n, 64)]
-        for f in files:
-            transform(load_rgb(f))
-        decode = len(files) / (time.perf_counter() - t)
-        mo = model_only(args.backbone, layers, dev, prec, batch, args.seconds)
-        t = time.perf_counter()
-        extract(csv, backbone=args.backbone, weights="none", layers=layers,
-                cache_dir=Path(tmp) / "cache", device=str(dev), precision=prec,
-                batch_size=batch, workers=args.workers, progress=False)
-        e2e = args.n / (time.perf_counter() - t)
+        csv = make_jpegs(Path(tmp), args.n, args.jobs)
+        print(f"made {args.n} JPEGs in {time.perf_counter() - t:.1f} s", flush=True)
+        ds = load_dataset(csv)
+        ext = _extractor(args.backbone, layers, dev)
+        dims = {k: int(v.shape[1]) for k, v in ext(torch.zeros(1, 3, size, size, device=dev)
+                                                   .contiguous(memory_format=torch.channels_last))
+                .items()} if not args.no_stages else {}
+        mo = model_only(ext, layers, dev, prec, batch, size, args.seconds)
+        del ext
+        res["model_only"] = mo
+        print(f"model-only:                   {mo:8.1f} img/s", flush=True)
+        if not args.no_stages:
+            res["write"] = write_stage(dims, batch, Path(tmp) / "wstage")
+        for mode in modes:
+            r = res["decode"][mode] = {}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            t = time.perf_counter()
+            extract(csv, backbone=args.backbone, weights="none", layers=layers,
+                    cache_dir=Path(tmp) / f"cache-{mode}", device=str(dev), precision=prec,
+                    batch_size=batch, workers=workers, image_size=args.image_size,
+                    progress=False, decode=mode)
+            r["e2e"] = args.n / (time.perf_counter() - t)
+            r["stream"] = stream_rate(ds, args.backbone, layers, pre, dev, prec, batch, workers,
+                                      mode, Path(tmp) / f"stream-{mode}")
+            print(f"[decode={mode}] end-to-end extract: {r['e2e']:8.1f} img/s (incl. model build "
+                  f"and consolidation); steady stream: {r['stream']:8.1f} img/s", flush=True)
+            if not args.no_stages:
+                r["decode_stage"] = decode_stage(ds, pre, dev, mode, batch, workers,
+                                                 args.stage_batches)
+                r["h2d"] = h2d_stage(ds, pre, dev, mode, batch)
+                print(f"[decode={mode}] where the time goes, each stage alone "
+                      f"(img/s; ms per batch of {batch}):", flush=True)
+                for stage, v in (("decode+preprocess", r["decode_stage"]),
+                                 ("host-to-device", r["h2d"]), ("forward", mo),
+                                 ("part write", res["write"])):
+                    ms = 1000 * batch / v if v == v and v > 0 else float("nan")
+                    print(f"    {stage:18s} {v:10.1f} img/s  {ms:8.2f} ms", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"decode+preprocess, 1 process: {decode:8.1f} img/s")
-    print(f"model-only:                   {mo:8.1f} img/s")
-    print(f"end-to-end extract:           {e2e:8.1f} img/s  (incl. model build and "
-          "consolidation)")
+    res["peak_rss_mib"] = rss
     print(f"peak RSS: {rss:.0f} MiB")
-    print(f"end-to-end/model-only: {e2e / mo:.2f}")
+    for mode in modes:
+        r = res["decode"][mode]
+        r["ratio"], r["stream_ratio"] = r["e2e"] / mo, r["stream"] / mo
+        print(f"[decode={mode}] end-to-end/model-only: {r['ratio']:.2f} "
+              f"(steady stream/model-only: {r['stream_ratio']:.2f})")
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"end-to-end/model-only: {res['decode'][primary]['ratio']:.2f}")
 
 
 if __name__ == "__main__":
