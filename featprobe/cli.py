@@ -7,6 +7,7 @@ progress and notes to stderr.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -15,6 +16,10 @@ import click
 from featprobe import __version__
 from featprobe.errors import FeatprobeError
 
+# the machine's problems, not featprobe's: a read-only place, a full disk, a file-size limit
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                       errno.EFBIG}
+
 
 class _Group(click.Group):
     def invoke(self, ctx):
@@ -22,6 +27,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except FeatprobeError as e:
             click.echo("error: " + " ".join(str(e).split()), err=True)  # always one line
+            ctx.exit(2)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            click.echo("error: " + " ".join(f"{e.strerror or e}{where}".split()), err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)

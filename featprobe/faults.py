@@ -60,6 +60,10 @@ if os.environ.get("FEATPROBE_CRASH_RANK", os.environ.get("RANK")) == os.environ.
 
 
 def _serve() -> None:  # pragma: no cover - exercised through subprocesses by the tests
+    # what `extract` and `fit` import lazily, so that a child that dropped to another uid
+    # (which may not be able to read the Python installation) never needs to import
+    import encodings.cp437  # noqa: F401  (zipfile, np.load)
+    import encodings.utf_8_sig  # noqa: F401
     import json
     import sys
     import time
@@ -67,6 +71,10 @@ def _serve() -> None:  # pragma: no cover - exercised through subprocesses by th
     import torch  # noqa: F401  (imported once here; every forked child inherits it)
     import torchvision  # noqa: F401
 
+    import featprobe.extraction  # noqa: F401
+    import featprobe.fitting  # noqa: F401
+    import featprobe.heads  # noqa: F401
+    import featprobe.stream  # noqa: F401
     from featprobe import faults  # the module the library calls, not this __main__ copy
     from featprobe.cli import main
 
