@@ -144,9 +144,10 @@ class FeatureCache:
                 self.dtypes = {k: f["features"][k].dtype for k in self.layers}
                 bad = f["bad"][()] if "bad" in f else np.empty((0, 2), dtype=object)
                 self.bad = [tuple(_s(x) for x in row) for row in bad]
+            self._check_rows()
         except FeatprobeError:
             raise
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, TypeError) as e:
             raise FeatprobeError(f"{self.path} is not a readable featprobe cache: {e}") from None
 
     def _check(self, attrs: dict) -> None:
@@ -158,8 +159,25 @@ class FeatureCache:
                 f"{self.path} has cache format {int(version)}, newer than this featprobe reads "
                 f"({FORMAT_VERSION}); upgrade featprobe"
             )
-        if not bool(attrs.get("complete", False)):
+        complete = attrs.get("complete", False)
+        if not (isinstance(complete, (bool, np.bool_)) and complete):  # not "False" (truthy)
             raise FeatprobeError(f"{self.path} is incomplete; rerun the extract that made it")
+
+    def _check_rows(self) -> None:
+        """Arrays that disagree would pair features with the wrong labels: refuse at open."""
+        n, problems = len(self.ids), []
+        if not isinstance(self.classes, list) or not self.classes:
+            problems.append("the class list is empty or not a list")
+        elif n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            problems.append("labels outside the class list")
+        if self.labels.shape != (n,) or self.valid.shape != (n,):
+            problems.append(f"labels/valid have {self.labels.shape}/{self.valid.shape} rows, "
+                            f"ids {n}")
+        for layer, shape in self.shapes.items():
+            if len(shape) != 2 or shape[0] != n:
+                problems.append(f"features/{layer} has shape {shape}, expected ({n}, D)")
+        if problems:
+            raise FeatprobeError(f"{self.path} is damaged: {'; '.join(problems)}")
 
     @property
     def directory(self) -> Path:

@@ -56,6 +56,7 @@ def predict(
     for key in ("backbone", "weights", "layer", "preprocessing", "classes"):
         if meta.get(key) in (None, ""):
             raise FeatprobeError(f"{head_file} lacks {key!r} in its metadata; refit and --save it")
+    _check_head(est, meta, head_file)
     ds = _dataset(data, images, image_col, label_col)
     backbone, layer, classes = meta["backbone"], meta["layer"], meta["classes"]
     choice = resolve_weights(backbone, _weights_arg(meta))
@@ -124,6 +125,38 @@ def predict(
     if out is not None:
         _write_csv(df, Path(out))
     return df, accuracy
+
+
+def _check_head(est, meta: dict, head_file) -> None:
+    """Refuse a head whose arrays and metadata do not fit together (a damaged or edited file)
+    before any model is built: it would fail mid-run or, worse, mislabel rows."""
+    from featprobe.backbones import make_transform
+
+    classes, n = meta["classes"], meta.get("n_features")
+    problems = []
+    if not isinstance(classes, list) or not classes:
+        problems.append("'classes' is not a non-empty list")
+    if meta.get("dtype") not in (None, "float16", "float32"):
+        problems.append(f"unknown dtype {meta.get('dtype')!r}")
+    try:
+        make_transform(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        problems.append("'preprocessing' is not a valid preprocessing record")
+    if not isinstance(n, int) or n < 1:
+        problems.append(f"'n_features' is {n!r}")
+    elif not problems:
+        known = np.asarray(getattr(est, "classes_", []))
+        if known.dtype.kind not in "iu" or known.min(initial=0) < 0 or \
+                known.max(initial=0) >= len(classes):
+            problems.append(f"the estimator's classes {known.tolist()[:8]} do not index the "
+                            f"{len(classes)} classes in its metadata")
+        try:  # one row through the head: shapes that disagree fail here, not after extraction
+            est.predict(np.zeros((1, n), dtype=np.float32))
+        except (ValueError, IndexError, TypeError, AttributeError) as e:
+            problems.append(f"its metadata expects {n} features, which its arrays do not take "
+                            f"({type(e).__name__})")
+    if problems:
+        raise FeatprobeError(f"{head_file} is damaged or edited: {'; '.join(problems)}")
 
 
 def _dataset(data, images, image_col, label_col) -> Dataset:
