@@ -254,8 +254,12 @@ def _pct(x) -> str:
               help="Write the fitted head (.npz: arrays + JSON metadata, no pickle).")
 @click.option("--runs-dir", type=click.Path(file_okay=False),
               help="Where runs.jsonl is appended (default: the cache's directory).")
+@click.option("--max-memory", metavar="SIZE",
+              help="Memory budget for features, e.g. 512MB, 2GB, 1.5GiB (default: "
+                   "$FEATPROBE_MAX_MEMORY or half of the available RAM); over it, heads "
+                   "train from the file in shuffled blocks (docs/heads.md).")
 def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batch_size, lr,
-        weight_decay, params, save, runs_dir):
+        weight_decay, params, save, runs_dir, max_memory):
     """Fit a head on a cached layer over the fixed seeded split, and record the run.
 
     Reads only the cache: no images, no backbone. Prints train/val accuracy, balanced
@@ -269,7 +273,12 @@ def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batc
         if value is not None:
             extra[name] = value
     rec = run(cache, head=head, layer=layer, seed=seed, val_fraction=val_fraction,
-              standardize=standardize, sweep=sweep, save=save, runs_dir=runs_dir, **extra)
+              standardize=standardize, sweep=sweep, save=save, runs_dir=runs_dir,
+              max_memory=max_memory, progress=True, **extra)
+    if rec.get("out_of_core"):
+        from featprobe.outofcore import describe
+
+        click.echo(describe(rec["out_of_core"]), err=True)
     tr, va = rec["train"], rec["val"]
     click.echo(f"{rec['backbone']}/{rec['weights']} {rec['layer']} {rec['head']}"
                f"{' (standardized)' if standardize else ''}  split {rec['split_hash']} "

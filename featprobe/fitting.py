@@ -39,6 +39,8 @@ def fit(
     save: str | os.PathLike | None = None,
     runs_dir: str | os.PathLike | None = None,
     record: bool = True,
+    max_memory: str | int | None = None,
+    progress: bool = False,
     **params: Any,
 ) -> dict:
     """Fit ``head`` on ``layer`` of a cache over the seeded stratified split; return the record.
@@ -48,9 +50,17 @@ def fit(
     learning rates × weight decays in one pass and ``logreg`` a grid of C, and the winner on
     val is recorded (every grid point is kept in ``record["sweep"]["grid"]``). The record is
     appended to ``runs.jsonl`` in ``runs_dir`` (default: the cache's directory).
+
+    ``max_memory`` (bytes, or a size such as ``"2GB"``, ``"512MB"``, ``"1.5GiB"``; default:
+    ``$FEATPROBE_MAX_MEMORY`` or half of the available RAM) bounds the feature data held in
+    memory. When the split's rows would not fit, the head trains from the file in shuffled
+    blocks (:mod:`featprobe.outofcore`; ``logreg``/``svm`` fall back to ``SGDClassifier``)
+    and the record says so in ``out_of_core``. ``progress`` shows a bar per out-of-core epoch.
     """
     from featprobe import heads as registry
+    from featprobe import outofcore
 
+    budget = outofcore.resolve_budget(max_memory)
     c = _cache(cache)
     layer = c._layer(layer)
     s = make_split(c.ids, c.labels, val_fraction=val_fraction, seed=seed, valid=c.valid)
@@ -59,22 +69,41 @@ def fit(
     if "random_state" in inner.get_params() and "random_state" not in params:
         inner.set_params(random_state=seed)
 
-    rows = np.concatenate([s.train, s.val])
-    X = c.features(layer, rows=rows)
-    X_train, X_val = X[: len(s.train)], X[len(s.train):]
     y_train, y_val = c.labels[s.train], c.labels[s.val]
     labels = list(range(len(c.classes)))
-
-    sweep_info = None
-    t0 = time.perf_counter()
-    if sweep:
-        est, sweep_info = _sweep(registry, head, inner, standardize, X_train, y_train, X_val,
-                                 y_val, seed)
+    if sweep and head not in ("linear", "logreg"):
+        raise FeatprobeError(f"--sweep is available for the linear and logreg heads, not {head!r}")
+    requested = est
+    need = outofcore.in_memory_bytes(head, len(s.train) + len(s.val), c.shapes[layer][1],
+                                     c.dtypes[layer].itemsize, standardize, inner.get_params(),
+                                     len(c.classes), sweep)
+    sweep_info, ooc = None, None
+    if need > budget:
+        t0 = time.perf_counter()
+        out = outofcore.fit_out_of_core(c.path, layer, est, head, s.train, y_train, s.val,
+                                        y_val, budget, standardize, sweep, seed,
+                                        progress=progress)
+        est, ooc = out["estimator"], out["info"]
+        fit_seconds = out["info"].pop("fit_seconds", time.perf_counter() - t0)
+        train_pred, val_pred = out["train_pred"], out["val_pred"]
+        if out["sweep_result"] is not None:
+            sweep_info = _sweep_record(out["sweep_result"])
     else:
-        est.fit(X_train, y_train)
-    fit_seconds = time.perf_counter() - t0
+        # read only the split's rows, in bounded blocks (never a second copy of the layer)
+        X = outofcore.read_rows(c.path, layer, np.concatenate([s.train, s.val]))
+        X_train, X_val = X[: len(s.train)], X[len(s.train):]
+        t0 = time.perf_counter()
+        if sweep:
+            est, sweep_info = _sweep(registry, head, inner, standardize, X_train, y_train,
+                                     X_val, y_val, seed)
+        else:
+            est.fit(X_train, y_train)
+        fit_seconds = time.perf_counter() - t0
+        train_pred, val_pred = est.predict(X_train), est.predict(X_val)
 
-    all_params = registry.head_params(est)
+    # the params asked for (an out-of-core logreg/svm is an SGDClassifier: see out_of_core)
+    fallback = ooc is not None and "fallback" in ooc
+    all_params = registry.head_params(requested if fallback else est)
     defaults = registry.HEADS[head].params()
     rec = make_record(
         kind="probe",
@@ -96,10 +125,11 @@ def fit(
         n_val=len(s.val),
         n_invalid=s.n_invalid,
         classes=c.classes,
-        train=compute_metrics(y_train, est.predict(X_train), labels),
-        val=compute_metrics(y_val, est.predict(X_val), labels),
+        train=compute_metrics(y_train, train_pred, labels),
+        val=compute_metrics(y_val, val_pred, labels),
         fit_seconds=round(fit_seconds, 4),
         sweep=sweep_info,
+        out_of_core=ooc,
         majority_rate=majority_rate(y_train, y_val),
     )
     if save is not None:
@@ -111,8 +141,6 @@ def fit(
 
 def _sweep(registry, head, inner, standardize, X_train, y_train, X_val, y_val, seed):
     """Train the head's grid together; return the winning estimator and the grid record."""
-    if head not in ("linear", "logreg"):
-        raise FeatprobeError(f"--sweep is available for the linear and logreg heads, not {head!r}")
     scaler = None
     if standardize:
         from sklearn.preprocessing import StandardScaler
@@ -131,10 +159,14 @@ def _sweep(registry, head, inner, standardize, X_train, y_train, X_val, y_val, s
         from sklearn.pipeline import make_pipeline
 
         best = make_pipeline(scaler, best)
+    return best, _sweep_record(result)
+
+
+def _sweep_record(result) -> dict:
     scores = ("train_accuracy", "val_accuracy")
     won = {"params": {k: v for k, v in result.best.items() if k not in scores},
            **{k: result.best[k] for k in scores}}
-    return best, {"grid": result.grid, "best": won}
+    return {"grid": result.grid, "best": won}
 
 
 def save_fitted(path: str | os.PathLike, est, cache: FeatureCache, layer: str, rec: dict) -> Path:

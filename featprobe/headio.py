@@ -29,7 +29,7 @@ import sklearn
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
@@ -47,6 +47,8 @@ ALLOWED_CLASSES: dict[str, type] = {
     "featprobe.heads.LinearHead": LinearHead,
     "featprobe.heads.MLPHead": MLPHead,
     "sklearn.linear_model.LogisticRegression": LogisticRegression,
+    # the out-of-core stand-in for logreg / svm (featprobe.outofcore)
+    "sklearn.linear_model.SGDClassifier": SGDClassifier,
     "sklearn.svm.LinearSVC": LinearSVC,
     "sklearn.svm.SVC": SVC,
     "sklearn.preprocessing.StandardScaler": StandardScaler,
@@ -63,6 +65,9 @@ _RESERVED = (
     "library_versions",
 )
 _JSON_SCALARS = (bool, int, float, str, type(None))
+# Fitted state that prediction never reads and that is not plain data: not saved.
+# (SGDClassifier's Cython loss object is needed only to continue partial_fit.)
+_UNSAVED = ("_loss_function_",)
 
 
 def _class_name(est: Any) -> str:
@@ -131,7 +136,7 @@ def _encode_estimator(est: BaseEstimator, index: int, arrays: dict) -> dict:
     attrs = {
         k: _encode_value(k, v, f"s{index}.{k}", arrays)
         for k, v in vars(est).items()
-        if k not in params
+        if k not in params and k not in _UNSAVED
     }
     return {"class": _class_name(est), "params": params, "attrs": attrs}
 

@@ -33,7 +33,7 @@ import torch
 from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
@@ -819,7 +819,13 @@ def head_name(estimator: BaseEstimator) -> str:
     for spec in HEADS.values():
         if type(head) is spec.factory:
             return spec.name
+    if type(head) is SGDClassifier and head.loss in _SGD_FALLBACK_OF:
+        return _SGD_FALLBACK_OF[head.loss]  # the out-of-core stand-in for logreg / svm
     raise FeatprobeError(f"{type(head).__name__} is not a registered head")
+
+
+# featprobe.outofcore fits these SGDClassifier losses for logreg / svm over the memory budget
+_SGD_FALLBACK_OF = {"log_loss": "logreg", "hinge": "svm"}
 
 
 def _to_json(v):
