@@ -147,7 +147,7 @@ class FeatureCache:
             self._check_rows()
         except FeatprobeError:
             raise
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise FeatprobeError(f"{self.path} is not a readable featprobe cache: {e}") from None
 
     def _check(self, attrs: dict) -> None:
@@ -209,7 +209,7 @@ class FeatureCache:
     def features(self, layer: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
         """Features of ``layer`` (default: the first) as stored, all rows or the given ones."""
         layer = self._layer(layer)
-        with h5py.File(self.path, "r") as f:
+        with _read_errors(self.path, f"features/{layer}"), h5py.File(self.path, "r") as f:
             ds = f["features"][layer]
             if rows is None:
                 return ds[()]
@@ -220,6 +220,15 @@ class FeatureCache:
             # h5py point selection is slow for many rows: past a quarter, read all and index
             block = ds[()][uniq] if len(uniq) > ds.shape[0] // 4 else ds[uniq]
             return block[inverse]
+
+
+@contextmanager
+def _read_errors(path: Path, what: str):
+    """HDF5 errors while reading a cache that opened fine mean a damaged file: say so."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError) as e:
+        raise FeatprobeError(f"cannot read {what} from {path}: {e} (a damaged file?)") from None
 
 
 def _s(x) -> str:
@@ -550,6 +559,33 @@ def write_arrays(
     return FeatureCache(final)
 
 
+# root attributes every extracted cache has (docs/cache-format.md); written by `extract`
+_EXTRACT_ATTRS = ("format_version", "complete", "backbone", "weights", "weights_id",
+                  "weights_file", "weights_sha256", "layers", "preprocessing", "dtype",
+                  "precision", "dataset_fingerprint", "source", "cache_key", "device",
+                  "featprobe_version", "torch_version", "torchvision_version", "created_at",
+                  "n_valid")
+
+
+def _check_identity(meta: dict) -> list[str]:
+    """An extracted cache's metadata must still hash to its ``cache_key`` (the content address
+    its name comes from), and carry every documented attribute."""
+    key = meta.get("cache_key")
+    if not key:
+        return []  # written by write_arrays: no content address to check
+    problems = []
+    missing = [k for k in _EXTRACT_ATTRS if k not in meta]
+    if missing:
+        problems.append(f"attributes missing: {', '.join(missing)}")
+    config = {k: meta.get(k) for k in ("format_version", "backbone", "layers", "preprocessing",
+                                        "dtype", "precision", "dataset_fingerprint")}
+    config["weights"] = meta.get("weights_id")
+    if hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest() != key:
+        problems.append("the backbone/weights/layers/preprocessing/dtype/precision/dataset "
+                        "attributes do not hash to the recorded cache_key")
+    return problems
+
+
 def verify(path: str | os.PathLike, checksums: bool = True) -> dict:
     """Check a cache's integrity; raise FeatprobeError naming the first problem found.
 
@@ -569,8 +605,9 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> dict:
         problems.append(f"n_valid says {cache.meta.get('n_valid')}, /valid has {cache.n_valid}")
     if len(cache.bad) != n - cache.n_valid:
         problems.append(f"/bad lists {len(cache.bad)} rows, /valid marks {n - cache.n_valid}")
+    problems += _check_identity(cache.meta)
     checked = {}
-    with h5py.File(cache.path, "r") as f:
+    with _read_errors(cache.path, "the features"), h5py.File(cache.path, "r") as f:
         for layer in cache.layers:
             ds = f["features"][layer]
             if ds.shape[0] != n:
