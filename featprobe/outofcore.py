@@ -535,7 +535,7 @@ def _sgd_fallback(src: BlockRows, head: str, params: dict, seed: int):
     classes = np.unique(src.y)
     src.set_targets(np.searchsorted(classes, src.y))
     gen = torch.Generator().manual_seed(seed)
-    step = max(1, src.scan_bytes // src.row_bytes)  # rows per partial_fit call
+    step = max(256, src.scan_bytes // src.row_bytes)  # rows per partial_fit call
     shift = None if src.shift is None else src.shift.numpy()
     scale = None if src.scale is None else src.scale.numpy()
     for _ in range(SGD_EPOCHS):
