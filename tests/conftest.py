@@ -59,6 +59,17 @@ def tutorial_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "train.csv", "\n".join(lines) + "\n")
 
 
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory):
+    """``python -m featprobe.faults``: torch imported once, a forked `featprobe` per job
+    (tests/reliability.py)."""
+    from reliability import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("featprobe-logs"))
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def class_tree(tmp_path) -> Path:
     """``tree/<class>/<image>``: classes ``cat`` (3 PNGs) and ``dog`` (2 PNGs)."""

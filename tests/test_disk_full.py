@@ -17,13 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_kill_anywhere import (
-    ForkServer,
-    assert_same_cache,
-    extract_argv,
-    make_dataset,
-    parts_on_disk,
-)
+from reliability import assert_same_cache, extract_argv, make_dataset, parts_on_disk
 
 from featprobe.cache import FeatureCache, list_caches
 from featprobe.errors import FeatprobeError
@@ -33,22 +27,19 @@ AS_ROOT = os.geteuid() == 0
 
 
 @pytest.fixture(scope="module")
-def env():
-    """A world-readable work folder (so an unprivileged child can use it), a dataset, a
-    reference cache and one fork server for the module."""
+def env(fork_server):
+    """A world-readable work folder (so an unprivileged child can use it), a dataset and a
+    reference cache."""
     root = Path(tempfile.mkdtemp(prefix="featprobe-diskfull-"))
     os.chmod(root, 0o755)
     csv = make_dataset(root / "data")
     for p in [root / "data", *root.joinpath("data").rglob("*")]:
         p.chmod(p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if p.is_dir() else 0))
-    (root / "logs").mkdir(mode=0o777)
-    os.chmod(root / "logs", 0o777)
-    server = ForkServer(root / "logs")
+    server = fork_server
     status, log = server.run(extract_argv(csv, root / "ref"))
     assert status == 0, log
     ref = Path(log.strip().splitlines()[-1])
     yield {"root": root, "csv": csv, "server": server, "ref": ref}
-    server.close()
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -10,23 +10,16 @@ cache equal, array for array, to the uninterrupted one (float32, CPU), and no de
 
 from __future__ import annotations
 
-import json
 import re
-import select
 import subprocess
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
-from PIL import Image
+from reliability import assert_same_cache, extract_argv, make_dataset, parts_on_disk
 
-from featprobe.cache import FeatureCache, list_caches, verify
+from featprobe.cache import FeatureCache, list_caches
 from featprobe.errors import FeatprobeError
-
-N_IMAGES, BATCH = 24, 3  # 8 parts
-LAYERS = ("avgpool", "layer4")  # 2 layers: consolidation copies 16 (part, layer) blocks
 
 # (point:count, parts on disk right after the kill, or None where not checked)
 CHAIN_A = [
@@ -58,68 +51,6 @@ CHAIN_C = [
 CHAINS = {"a": CHAIN_A, "b": CHAIN_B, "c": CHAIN_C}
 
 
-class ForkServer:
-    """``python -m featprobe.faults``: one torch import, one forked `featprobe` per job."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.n = 0
-        self.proc = subprocess.Popen([sys.executable, "-m", "featprobe.faults"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def run(self, argv: list[str], crash_at: str | None = None, timeout: float = 180,
-            **options) -> tuple:
-        """Run ``featprobe <argv>``; ``options``: fsize, uid (see featprobe.faults)."""
-        self.n += 1
-        log = self.logs / f"run{self.n:02d}.log"
-        job = {"argv": argv, "crash_at": crash_at, "log": str(log), **options}
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.proc.kill()
-            pytest.fail(f"featprobe extract hung (crash_at={crash_at}); log {log}")
-        answer = json.loads(self.proc.stdout.readline())
-        return answer["status"], log.read_text() if log.exists() else ""
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-def make_dataset(root: Path, n: int = N_IMAGES) -> Path:
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(7)
-    lines = ["image_names,label"]
-    for i in range(n):
-        a = (rng.random((20 + i % 5, 24, 3)) * 255).astype(np.uint8)
-        Image.fromarray(a).save(root / "images" / f"{i:02d}.png")
-        lines.append(f"{i:02d}.png,{('cat', 'dog', 'emu')[i % 3]}")
-    (root / "train.csv").write_text("\n".join(lines) + "\n")
-    return root / "train.csv"
-
-
-def extract_argv(csv: Path, cache_dir: Path) -> list[str]:
-    return ["extract", str(csv), "--backbone", "resnet18", "--weights", "none", "--layers",
-            ",".join(LAYERS), "--image-size", "32", "--batch-size", str(BATCH), "--workers", "0",
-            "--dtype", "float32", "--device", "cpu", "--cache-dir", str(cache_dir), "-q"]
-
-
-def assert_same_cache(path: Path, ref: Path) -> None:
-    a, b = FeatureCache(path), FeatureCache(ref)
-    assert a.ids == b.ids and a.classes == b.classes
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_array_equal(a.valid, b.valid)
-    for layer in LAYERS:
-        x, y = a.features(layer), b.features(layer)
-        assert x.dtype == y.dtype == np.float32
-        np.testing.assert_array_equal(x, y)
-    with h5py.File(path, "r") as fa, h5py.File(ref, "r") as fb:
-        for layer in LAYERS:
-            assert fa["features"][layer].attrs["sha256"] == fb["features"][layer].attrs["sha256"]
-    assert verify(path)["checksums"] == {layer: True for layer in LAYERS}
-
-
 def check_after_kill(cache_dir: Path, final: Path, ref: Path) -> bool:
     """Nothing reads as complete unless it is; return whether the cache is complete."""
     h5 = sorted(cache_dir.glob("*.h5"))
@@ -138,10 +69,6 @@ def check_after_kill(cache_dir: Path, final: Path, ref: Path) -> bool:
     return True
 
 
-def parts_on_disk(final: Path) -> int:
-    return len(list(final.with_suffix(".partial").glob("part-*.npz")))
-
-
 def test_crash_point_kills_on_the_counted_visit():
     code = ("from featprobe.faults import crash_point\n"
             "for i in range(5):\n    print(i, flush=True)\n    crash_point('x')\n")
@@ -153,42 +80,38 @@ def test_crash_point_kills_on_the_counted_visit():
     assert p.returncode == 0 and p.stdout.split() == ["0", "1", "2", "3", "4"]
 
 
-def test_sigkill_at_20_points_resumes_to_identical_caches(tmp_path):
+def test_sigkill_at_20_points_resumes_to_identical_caches(tmp_path, fork_server):
     csv = make_dataset(tmp_path / "data")
-    (tmp_path / "logs").mkdir()
-    server = ForkServer(tmp_path / "logs")
-    try:
-        status, log = server.run(extract_argv(csv, tmp_path / "ref"))
+    server, first_run = fork_server, fork_server.n
+    status, log = server.run(extract_argv(csv, tmp_path / "ref"))
+    assert status == 0, log
+    ref = Path(log.strip().splitlines()[-1])
+    passed, resumed_counts = [], []
+    for chain, points in CHAINS.items():
+        cache_dir = tmp_path / chain
+        final = cache_dir / ref.name
+        expect_prev = 0
+        for spec, expect_parts in points:
+            status, log = server.run(extract_argv(csv, cache_dir), crash_at=spec)
+            assert status == -9, f"{spec}: not killed (status {status}): {log}"
+            m = re.search(r"resuming \S+: (\d+)/8 batches already done", log)
+            if m:  # a resumed run starts from every part written before the last kill
+                assert int(m.group(1)) == expect_prev, (spec, log)
+                resumed_counts.append(int(m.group(1)))
+            complete = check_after_kill(cache_dir, final, ref)
+            if expect_parts is not None:
+                assert not complete, spec
+                assert parts_on_disk(final) == expect_parts, spec
+                expect_prev = expect_parts
+            passed.append(spec)
+        status, log = server.run(extract_argv(csv, cache_dir))  # the clean finish
         assert status == 0, log
-        ref = Path(log.strip().splitlines()[-1])
-        passed, resumed_counts = [], []
-        for chain, points in CHAINS.items():
-            cache_dir = tmp_path / chain
-            final = cache_dir / ref.name
-            expect_prev = 0
-            for spec, expect_parts in points:
-                status, log = server.run(extract_argv(csv, cache_dir), crash_at=spec)
-                assert status == -9, f"{spec}: not killed (status {status}): {log}"
-                m = re.search(r"resuming \S+: (\d+)/8 batches already done", log)
-                if m:  # a resumed run starts from every part written before the last kill
-                    assert int(m.group(1)) == expect_prev, (spec, log)
-                    resumed_counts.append(int(m.group(1)))
-                complete = check_after_kill(cache_dir, final, ref)
-                if expect_parts is not None:
-                    assert not complete, spec
-                    assert parts_on_disk(final) == expect_parts, spec
-                    expect_prev = expect_parts
-                passed.append(spec)
-            status, log = server.run(extract_argv(csv, cache_dir))  # the clean finish
-            assert status == 0, log
-            assert log.strip().splitlines()[-1] == str(final)
-            assert_same_cache(final, ref)
-            leftovers = [p.name for p in cache_dir.iterdir()
-                         if p.name.endswith(".partial") or ".tmp-" in p.name]
-            assert leftovers == [], leftovers
-        assert len(passed) == len(set(passed)) == 20
-        print(f"\nkill-anywhere: {len(passed)}/20 kill points resumed to identical caches; "
-              f"{len(resumed_counts)} resumed runs reused {sum(resumed_counts)} parts; "
-              f"{server.n} featprobe extract runs")
-    finally:
-        server.close()
+        assert log.strip().splitlines()[-1] == str(final)
+        assert_same_cache(final, ref)
+        leftovers = [p.name for p in cache_dir.iterdir()
+                     if p.name.endswith(".partial") or ".tmp-" in p.name]
+        assert leftovers == [], leftovers
+    assert len(passed) == len(set(passed)) == 20
+    print(f"\nkill-anywhere: {len(passed)}/20 kill points resumed to identical caches; "
+          f"{len(resumed_counts)} resumed runs reused {sum(resumed_counts)} parts; "
+          f"{server.n - first_run} featprobe extract runs")
