@@ -91,6 +91,7 @@ def fit(
     else:
         # read only the split's rows, in bounded blocks (never a second copy of the layer)
         X = outofcore.read_rows(c.path, layer, np.concatenate([s.train, s.val]))
+        _require_finite(X, c, layer)
         X_train, X_val = X[: len(s.train)], X[len(s.train):]
         t0 = time.perf_counter()
         if sweep:
@@ -137,6 +138,18 @@ def fit(
     if record:
         append_run(runs_dir if runs_dir is not None else c.directory, rec)
     return rec
+
+
+def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:
+    """NaN or inf (float16 storage overflows above 65504) would make the heads fail mid-fit."""
+    bad = sum(int((~np.isfinite(X[i:i + 4096])).any(axis=1).sum())
+              for i in range(0, len(X), 4096))
+    if bad:
+        raise FeatprobeError(
+            f"{c.path.name}: features/{layer} has NaN or inf values in {bad} row(s); float16 "
+            "storage overflows above 65504 (re-extract with --dtype float32), or the file is "
+            "damaged (featprobe verify)"
+        )
 
 
 def _sweep(registry, head, inner, standardize, X_train, y_train, X_val, y_val, seed):

@@ -221,3 +221,20 @@ def test_tampered_head_file_is_refused_in_one_line(made, tmp_path, case):
                                   "cpu"])
     _one_line_error(r, expect)
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_non_finite_features_are_refused_by_fit(tmp_path):
+    """float16 storage turns values above 65504 into inf: a consistent file (verify passes)
+    whose features `fit` must refuse in one line rather than fail inside a head."""
+    from featprobe.cache import write_arrays
+
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    x[4, 2] = 70000.0
+    cache = write_arrays(tmp_path / "inf.h5", [f"{i}.png" for i in range(30)],
+                         np.arange(30) % 3, ["a", "b", "c"], {"fc": x}, dtype="float16")
+    assert np.isinf(cache.features("fc")).sum() == 1 and verify(cache.path)["rows"] == 30
+    for head in ("logreg", "linear"):
+        r = CliRunner().invoke(main, ["fit", str(cache.path), "--head", head, "--runs-dir",
+                                      str(tmp_path)])
+        _one_line_error(r, "features/fc has NaN or inf values in 1 row(s)")
+    assert not (tmp_path / "runs.jsonl").exists()
