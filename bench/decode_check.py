@@ -141,6 +141,14 @@ def main() -> None:
             m["bf16_top1_agree"] = float((top_bf == top_pil).float().mean())
             line += (f"; bf16-vs-fp32 rel err max {m['bf16_rel_max']:.2e} median "
                      f"{m['bf16_rel_median']:.2e}, top-1 agree {100 * m['bf16_top1_agree']:.1f}%")
+        if dev.type == "cuda":  # fp16 has 3 more mantissa bits than bf16: the alternative
+            f_h, top_h = _run(ext, layer, ref, dev, torch.float16, args.batch_size)
+            m["fp16_rel_max"], m["fp16_rel_median"] = _rel(f_h, f_pil)
+            m["fp16_top1_agree"] = float((top_h == top_pil).float().mean())
+            m["fp16_nonfinite"] = int((~torch.isfinite(torch.as_tensor(f_h))).sum())
+            line += (f"; fp16-vs-fp32 rel err max {m['fp16_rel_max']:.2e} median "
+                     f"{m['fp16_rel_median']:.2e}, top-1 agree {100 * m['fp16_top1_agree']:.1f}%"
+                     f", non-finite {m['fp16_nonfinite']}")
         if len(real) and choice.kind != "none":
             k = slice(args.n, None)
             m["photos_top1_pil"] = int((top_pil[k] == truth).sum())

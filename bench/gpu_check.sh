@@ -84,6 +84,34 @@ CHECK_ARGS=(--device "$DEVICE" --n "$CHECK_N" --backbones "mobilenet_v2,$BACKBON
 [ -n "$PHOTOS" ] && CHECK_ARGS+=(--photos "$PHOTOS")
 step decode_check 150 "$PY" bench/decode_check.py "${CHECK_ARGS[@]}"
 
+# precision honesty on real data: ELPV (CSV + images, e.g. carried as JPEGs) with MobileNetV2's
+# real weights, extracted in fp32, bf16 and fp16 and fitted over 5 seeds (bench/precision.py)
+if [ -n "${ELPV:-}" ] && [ -f "$ELPV/train.csv" ] && [ -n "$WEIGHTS" ]; then
+  mkdir -p /tmp/fp-torch/hub/checkpoints && cp "$WEIGHTS" /tmp/fp-torch/hub/checkpoints/
+  step precision 150 env TORCH_HOME=/tmp/fp-torch "$PY" bench/precision.py \
+    --data "$ELPV/train.csv" --precisions fp32 bf16 fp16 --device "$DEVICE" \
+    --cache-dir /tmp/fp-precision
+fi
+
+# the host CPU: does it have bf16 matrix units, and what does bf16 autocast buy there?
+step cpu_bf16 60 "$PY" - <<'EOF'
+import time, torch, torchvision
+flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+print("cpu bf16 flags:", [f for f in flags if "bf16" in f or "amx" in f] or "none",
+      "threads", torch.get_num_threads())
+m = torchvision.models.vgg16().eval().to(memory_format=torch.channels_last)
+x = torch.randn(16, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+for prec in ("fp32", "bf16"):
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16")
+    with torch.inference_mode(), ctx:
+        m(x)
+        t, n = time.perf_counter(), 0
+        while time.perf_counter() - t < 6:
+            m(x)
+            n += 16
+    print(f"cpu vgg16 batch 16 {prec}: {n / (time.perf_counter() - t):.1f} img/s", flush=True)
+EOF
+
 step summary 30 "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -132,4 +160,5 @@ if c:
 else:
     print("no decode/precision figures (see decode_check.log)")
 EOF
+cat "$OUT"/*.log > "$OUT/all-logs.txt" 2>/dev/null && rm -f "$OUT"/*.log  # 8 files come back
 echo "gpu_check done in $((SECONDS - START))s; logs in $OUT"

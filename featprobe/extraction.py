@@ -95,14 +95,16 @@ def extract(
     # a new request: resolve everything (this imports torch and torchvision)
     from featprobe.backbones import preprocessing, resolve_layers, resolve_weights
     from featprobe.decoding import resolve_decode
-    from featprobe.stream import resolve_device, resolve_precision
+    from featprobe.stream import default_workers, resolve_device, resolve_precision
 
     layers = resolve_layers(backbone, layers)
     choice = resolve_weights(backbone, weights)
     pre = preprocessing(backbone, choice, image_size)
     dev = resolve_device(sharding.device_for(shard, device))
     prec = resolve_precision(precision, dev)
-    decode = resolve_decode(decode, dev)
+    if workers is None and shard.local_count > 1:  # ranks on one node share its cores
+        workers = max(1, default_workers(dev) // shard.local_count)
+    decode = resolve_decode(decode, dev, workers)
     config = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
@@ -184,7 +186,7 @@ def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, 
     import torchvision
 
     from featprobe.backbones import weights_sha256
-    from featprobe.stream import default_batch_size, default_workers, run_parts
+    from featprobe.stream import default_batch_size, run_parts
 
     manifest = partial.manifest(config, batch_size or default_batch_size(dev), len(ds))
     part_rows = manifest["part_rows"]
@@ -198,8 +200,6 @@ def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, 
         what = "batches" if shard.whole else f"batches of shard {shard}"
         print(f"resuming {partial.final.name}: {len(mine) - len(todo)}/{len(mine)} {what} "
               "already done", file=sys.stderr)
-    if workers is None and shard.local_count > 1:  # ranks on one node share its cores
-        workers = max(1, default_workers(dev) // shard.local_count)
     attrs = {
         **{k: v for k, v in config.items() if k != "weights"},
         "weights": choice.name if choice.kind != "file" else "file",
