@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import h5py
@@ -52,9 +52,9 @@ class _WriteGuard:
     """A file for h5py's ``fileobj`` driver that fails once, then discards.
 
     When a write fails (full disk, file-size limit), HDF5 cannot close the file: every later
-    flush fails too, and the interpreter crashes at exit. So the first failure is raised (and
-    kept in ``error``) and everything after it is dropped, letting h5py close cleanly; the
-    caller deletes the file.
+    flush fails too, and the interpreter crashes at exit. So the first failure is kept in
+    ``error`` (not raised into HDF5's C callbacks) and everything after it is dropped, letting
+    h5py close cleanly; the caller raises ``error`` and deletes the file.
     """
 
     def __init__(self, raw):
@@ -66,8 +66,10 @@ class _WriteGuard:
             try:
                 return op(*args)
             except OSError as e:
+                # never raise into HDF5's C callbacks (it may report a stale, unrelated Python
+                # error later, seen as "FileIO has no attribute flush"); pretend it worked and
+                # let the caller raise self.error (checked after each copy and at the flush)
                 self.error = e
-                raise
         return done
 
     def write(self, b) -> int:
@@ -99,6 +101,7 @@ def _h5_create(path: Path):
         guard = _WriteGuard(raw)
         try:
             with h5py.File(guard, "w") as f:
+                f.write_guard = guard  # lets a long-lived writer notice a failed write early
                 yield f
         except Exception:
             if guard.error is not None:
@@ -322,8 +325,11 @@ class PartialCache:
         done = self.done_parts()
         return [k for k in range(n_parts) if k not in done]
 
-    def finish(self) -> Path:
-        """Consolidate a partial folder whose parts are all written (caller holds ``lock``)."""
+    def finish(self, builder: H5Builder | None = None) -> Path:
+        """Consolidate a partial folder whose parts are all written (caller holds ``lock``).
+
+        ``builder``: the one that already copied the parts this run wrote (see ``extract``).
+        """
         m = json.loads((self.dir / "manifest.json").read_text())
         n_parts = -(-m["n_rows"] // m["part_rows"])
         missing = self.missing_parts(n_parts)
@@ -334,11 +340,9 @@ class PartialCache:
                 f"(parts {shown}); let every shard finish (or rerun the ones that failed), "
                 "then merge"
             )
-        ids, labels, classes, attrs = self.load_dataset()
-        config = m["config"]
         try:
-            return self.consolidate(config["layers"], ids, labels, classes, attrs,
-                                    config["dtype"], n_parts)
+            builder = builder if builder is not None and not builder.failed else self.builder()
+            return builder.finish(self.load_dataset()[3])
         except (OSError, RuntimeError) as e:  # h5py reports a failed write as RuntimeError
             code = getattr(e, "errno", None) or _h5_errno(e)
             if code is None and not isinstance(e, OSError):
@@ -379,60 +383,121 @@ class PartialCache:
     def consolidate(self, layers: list[str], ids: list[str], labels: np.ndarray, classes: list,
                     attrs: dict, dtype: str, n_parts: int) -> Path:
         """Parts → ``<name>.h5`` (atomically), then remove the partial folder."""
-        for stale in self.final.parent.glob(self.final.name + ".tmp-*"):
+        builder = H5Builder(self, layers, ids, labels, classes, dtype, n_parts)
+        return builder.finish(attrs)
+
+    def builder(self) -> H5Builder:
+        """An :class:`H5Builder` for this folder's manifest and dataset (caller holds ``lock``)."""
+        m = json.loads((self.dir / "manifest.json").read_text())
+        ids, labels, classes, _ = self.load_dataset()
+        return H5Builder(self, m["config"]["layers"], ids, labels, classes,
+                         m["config"]["dtype"], -(-m["n_rows"] // m["part_rows"]))
+
+
+class H5Builder:
+    """Writes ``<name>.h5.tmp-<pid>`` part by part, in row order; :meth:`finish` completes it.
+
+    ``extract`` feeds it each part as the part is written (from memory, on the writer thread), so
+    the copy into HDF5 overlaps the forward pass instead of being a second pass over every byte
+    at the end; parts it did not see (done by an earlier, interrupted run) are read back from
+    disk in their turn. The parts stay the source of truth until the final rename: a kill at
+    any moment leaves a ``.tmp-`` file that the next run deletes and rebuilds.
+    """
+
+    def __init__(self, partial: PartialCache, layers: list[str], ids: list[str],
+                 labels: np.ndarray, classes: list, dtype: str, n_parts: int):
+        self.partial, self.layers, self.dtype, self.n_parts = partial, list(layers), dtype, n_parts
+        final = partial.final
+        for stale in final.parent.glob(final.name + ".tmp-*"):
             stale.unlink(missing_ok=True)  # left by a run killed while consolidating
         crash_point("consolidate.begin")
-        tmp = self.final.with_name(f"{self.final.name}.tmp-{os.getpid()}")
-        n = len(ids)
-        valid = np.ones(n, dtype=bool)
-        bad: list[tuple[str, str]] = []
-        digests = {layer: hashlib.sha256() for layer in layers}
-        with _h5_create(tmp) as f:
-            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
-            lab = f.create_dataset("labels", data=labels.astype(np.int64))
-            lab.attrs["classes"] = _json_attr(classes)
-            datasets = {}
-            for k in range(n_parts):
-                part = self.read_part(k)
-                start = int(part["start"])
-                rows = slice(start, start + len(part["valid"]))
-                valid[rows] = part["valid"]
-                bad += list(zip(part["bad_ids"].tolist(), part["bad_reasons"].tolist()))
-                for layer in layers:
-                    x = part["f_" + layer]
-                    if layer not in datasets:
-                        dim = x.shape[1]
-                        chunk = max(1, min(n, (1 << 20) // (dim * np.dtype(dtype).itemsize)))
-                        datasets[layer] = f.create_dataset(
-                            f"features/{layer}", shape=(n, dim), dtype=dtype, chunks=(chunk, dim)
-                        )
-                    datasets[layer][rows] = x
-                    digests[layer].update(np.ascontiguousarray(x).tobytes())
-                    crash_point("consolidate.layer_copied")
-                crash_point("consolidate.part_copied")
-            for layer, ds in datasets.items():
-                ds.attrs["sha256"] = digests[layer].hexdigest()
-            f.create_dataset("valid", data=valid)
+        self.tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        self.n = n = len(ids)
+        self.valid = np.ones(n, dtype=bool)
+        self.bad: list[tuple[str, str]] = []
+        self.digests = {layer: hashlib.sha256() for layer in layers}
+        self.datasets: dict = {}
+        self.next = 0  # the next part to copy
+        self.failed = False  # a copy failed: finish() starts over from the parts on disk
+        self._stack = ExitStack()
+        self.f = self._stack.enter_context(_h5_create(self.tmp))
+        self.f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+        lab = self.f.create_dataset("labels", data=np.asarray(labels).astype(np.int64))
+        lab.attrs["classes"] = _json_attr(classes)
+
+    def add(self, k: int, part: dict[str, np.ndarray] | None = None) -> None:
+        """Copy part ``k`` (given, or read from disk), after any earlier parts not yet copied."""
+        while self.next < k:
+            self._copy(self.next, self.partial.read_part(self.next))
+        if k == self.next:
+            self._copy(k, part if part is not None else self.partial.read_part(k))
+
+    def _copy(self, k: int, part: dict[str, np.ndarray]) -> None:
+        start = int(part["start"])
+        rows = slice(start, start + len(part["valid"]))
+        self.valid[rows] = part["valid"]
+        self.bad += list(zip(part["bad_ids"].tolist(), part["bad_reasons"].tolist()))
+        for layer in self.layers:
+            x = part["f_" + layer]
+            if layer not in self.datasets:
+                dim = x.shape[1]
+                size = np.dtype(self.dtype).itemsize
+                chunk = max(1, min(self.n, (1 << 20) // (dim * size)))
+                self.datasets[layer] = self.f.create_dataset(
+                    f"features/{layer}", shape=(self.n, dim), dtype=self.dtype,
+                    chunks=(chunk, dim)
+                )
+            self.datasets[layer][rows] = x
+            if self.f.write_guard.error is not None:  # HDF5 may swallow it until the flush
+                raise self.f.write_guard.error
+            self.digests[layer].update(np.ascontiguousarray(x).tobytes())
+            crash_point("consolidate.layer_copied")
+        crash_point("consolidate.part_copied")
+        self.next = k + 1
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (the parts are untouched)."""
+        try:
+            self._stack.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def finish(self, attrs: dict) -> Path:
+        """Copy the remaining parts, write the metadata, ``complete`` last, fsync, rename."""
+        f, final = self.f, self.partial.final
+        try:
+            if self.next < self.n_parts:
+                self.add(self.n_parts - 1)
+            for layer, ds in self.datasets.items():
+                ds.attrs["sha256"] = self.digests[layer].hexdigest()
+            f.create_dataset("valid", data=self.valid)
             b = f.create_dataset(
-                "bad", data=np.array(bad, dtype=object).reshape(-1, 2), dtype=_STR,
+                "bad", data=np.array(self.bad, dtype=object).reshape(-1, 2), dtype=_STR,
                 maxshape=(None, 2),
             )
             b.attrs["columns"] = _json_attr(["id", "reason"])
             for key, value in attrs.items():
                 f.attrs[key] = _attr_value(value)
-            f.attrs["n_valid"] = int(valid.sum())
+            f.attrs["n_valid"] = int(self.valid.sum())
             crash_point("consolidate.before_complete")
             f.attrs["complete"] = True  # last: a file without it is never read as a cache
             f.flush()
+            if f.write_guard.error is not None:
+                raise f.write_guard.error
             crash_point("consolidate.flushed")
+            self._stack.close()  # closes the HDF5 file and fsyncs it
+        except BaseException:
+            self.abort()
+            raise
         crash_point("consolidate.closed")
         crash_point("consolidate.before_rename")
-        os.replace(tmp, self.final)
+        os.replace(self.tmp, final)
         crash_point("consolidate.renamed")
-        _fsync_dir(self.final.parent)
+        _fsync_dir(final.parent)
         crash_point("consolidate.before_rmtree")
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return self.final
+        shutil.rmtree(self.partial.dir, ignore_errors=True)
+        return final
 
 
 def _h5_errno(e: BaseException) -> int | None:

@@ -135,9 +135,10 @@ def extract(
         with partial.locked(on_wait=waiting):
             if final.exists():  # the other writer finished it
                 return _reuse(final, on_error)
-            _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
-                         config, key, batch_size, workers, progress, shard, decode=decode)
-            partial.finish()
+            builder = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype,
+                                   on_error, partial, config, key, batch_size, workers, progress,
+                                   shard, decode=decode, incremental=True)
+            partial.finish(builder)
     else:
         cache = _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
                                partial, config, key, batch_size, workers, progress, shard, waiting,
@@ -180,8 +181,11 @@ def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error
 
 
 def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
-                 key, batch_size, workers, progress, shard, decode="cpu") -> int:
-    """Compute this shard's parts that are still missing; return the number of parts in all."""
+                 key, batch_size, workers, progress, shard, decode="cpu", incremental=False):
+    """Compute this shard's parts that are still missing; return the number of parts in all.
+
+    ``incremental`` (one writer for the whole dataset): copy parts into the final HDF5 file as
+    they are written and return the unfinished :class:`~featprobe.cache.H5Builder` instead."""
     import torch
     import torchvision
 
@@ -216,10 +220,16 @@ def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, 
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     partial.save_dataset(ds.ids, ds.labels, ds.classes, attrs)
-    if todo:
-        run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
-                  part_rows, todo, workers, progress, decode=decode)
-    return n_parts
+    builder = partial.builder() if incremental else None
+    try:
+        if todo:
+            run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
+                      part_rows, todo, workers, progress, decode=decode, builder=builder)
+    except BaseException:
+        if builder is not None:
+            builder.abort()
+        raise
+    return builder if incremental else n_parts
 
 
 def _gpu_visible() -> bool:

@@ -184,13 +184,17 @@ class _Fp16Guard:
 
 
 def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, part_rows,
-              todo, workers, progress, decode="cpu") -> None:
-    """Compute the missing parts, one crash-safe part per batch, written on a thread."""
+              todo, workers, progress, decode="cpu", builder=None) -> None:
+    """Compute the missing parts, one crash-safe part per batch, written on a thread.
+
+    ``builder`` (a :class:`featprobe.cache.H5Builder`): also copy each part into the final HDF5
+    file as it is written, so consolidation overlaps the forward pass.
+    """
     batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
     stream = feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers,
                              progress, initial=len(ds) - sum(len(b) for b in batches),
                              decode=decode)
-    writer = _PartWriter(partial)
+    writer = _PartWriter(partial, builder)
     lost = kept = 0  # nonzero values that float16 storage turns into 0 or inf
     try:
         for k, (rows, feats, reasons) in zip(todo, stream):
@@ -234,8 +238,9 @@ class _PartWriter:
     The queue is bounded, so a slow disk slows extraction instead of filling memory.
     """
 
-    def __init__(self, partial: PartialCache, depth: int = 4):
+    def __init__(self, partial: PartialCache, builder=None, depth: int = 4):
         self.partial = partial
+        self.builder = builder
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True, name="featprobe-writer")
@@ -246,8 +251,20 @@ class _PartWriter:
             if self.error is None:
                 try:
                     self.partial.write_part(*item)
+                    self._copy(*item)
                 except BaseException as e:  # re-raised in the main thread
                     self.error = e
+
+    def _copy(self, k: int, arrays: dict) -> None:
+        """Copy a written part into the final file; on failure (say, a full disk) drop the
+        half-built file and go on writing parts: consolidation retries from them at the end."""
+        if self.builder is None or self.builder.failed:
+            return
+        try:
+            self.builder.add(k, arrays)
+        except Exception:
+            self.builder.failed = True
+            self.builder.abort()
 
     def check(self):
         if self.error is not None:

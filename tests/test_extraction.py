@@ -19,7 +19,7 @@ from PIL import Image
 import featprobe
 from featprobe import backbones
 from featprobe.backbones import make_transform, preprocessing, resolve_weights
-from featprobe.cache import FeatureCache, PartialCache
+from featprobe.cache import FeatureCache, H5Builder, PartialCache
 from featprobe.errors import FeatprobeError
 from featprobe.extraction import extract
 from featprobe.images import load_rgb
@@ -272,17 +272,18 @@ def test_bad_image_fail_then_skip_resumes(data, tmp_path, kind):
 
 
 def test_incomplete_cache_never_read_as_complete(data, tmp_path, monkeypatch):
-    """A crash while consolidating leaves no .h5 and the next run finishes from the parts."""
-    calls = {"n": 0}
-    real = PartialCache.read_part
+    """A crash while consolidating leaves no .h5 and the next run finishes from the parts.
 
-    def crash_on_third(self, k):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    The HDF5 copy of the last part fails (it runs on the writer thread, right after that part
+    was written), so every part is on disk but the final file is not."""
+    real = H5Builder._copy
+
+    def crash_on_last(self, k, part):
+        if k == self.n_parts - 1:
             raise OSError(28, "No space left on device")
-        return real(self, k)
+        return real(self, k, part)
 
-    monkeypatch.setattr(PartialCache, "read_part", crash_on_third)
+    monkeypatch.setattr(H5Builder, "_copy", crash_on_last)
     with pytest.raises(FeatprobeError, match="No space left"):
         extract(data, cache_dir=tmp_path / "c", batch_size=3, **FAST)
     c = tmp_path / "c"
@@ -291,7 +292,8 @@ def test_incomplete_cache_never_read_as_complete(data, tmp_path, monkeypatch):
     assert entry["complete"] is False and "4/4 parts" in entry["error"]
     with pytest.raises(FeatprobeError, match="incomplete"):
         FeatureCache(Path(entry["path"]))
-    monkeypatch.setattr(PartialCache, "read_part", real)
+    assert not list(c.glob("*.tmp-*"))  # the half-built file was deleted at once
+    monkeypatch.setattr(H5Builder, "_copy", real)
     writes = {"n": 0}
     real_write = PartialCache.write_part
     monkeypatch.setattr(PartialCache, "write_part",
