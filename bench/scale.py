@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scale.py fit [--rows 1000000] [--dim 4096] [--max-memory 2GB]
                                         [--epochs 1] [--dir DIR] [--keep]
-    .venv/bin/python bench/scale.py extract ...     (sharded extraction: see below)
+    .venv/bin/python bench/scale.py extract [--n 512] [--ranks 2] [--backbone resnet18]
 
 Subcommands share the helpers at the top (`peak_rss_child`, `synthetic_cache`); each one is a
 function `cmd_<name>(args)` registered in `main()`.
@@ -152,8 +152,16 @@ def cmd_fit(args) -> None:
 
 # --------------------------------------------------------------------------- extract
 
-# Sharded extraction (issue 6.4, second part: 1 vs 2 torchrun ranks on CPU) goes here as
-# `cmd_extract(args)`, registered in main() like `fit`.
+# Sharded extraction: the same extract as 1 process and as N torchrun ranks
+# (bench/scale_extract.py, which also runs on its own).
+
+
+def cmd_extract(args) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import scale_extract
+
+    scale_extract.run(args.n, args.ranks, args.backbone, args.device, args.image_size,
+                      args.batch_size, Path(args.dir) if args.dir else None)
 
 
 def main() -> None:
@@ -167,6 +175,15 @@ def main() -> None:
     f.add_argument("--dir", help="where to write the cache (default: a temp dir on /tmp)")
     f.add_argument("--keep", action="store_true", help="keep the temp dir")
     f.set_defaults(func=cmd_fit)
+    e = sub.add_parser("extract", help="1 process vs N torchrun ranks, same cache")
+    e.add_argument("--n", type=int, default=512)
+    e.add_argument("--ranks", type=int, default=2)
+    e.add_argument("--backbone", default="resnet18")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--image-size", type=int, default=224)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--dir", help="work directory (default: a new temp dir)")
+    e.set_defaults(func=cmd_extract)
     args = ap.parse_args()
     args.func(args)
 

@@ -394,6 +394,9 @@ class PartialCache:
                          m["config"]["dtype"], -(-m["n_rows"] // m["part_rows"]))
 
 
+SYNC_EVERY = 256 << 20  # H5Builder fsyncs the file it builds every 256 MiB of features
+
+
 class H5Builder:
     """Writes ``<name>.h5.tmp-<pid>`` part by part, in row order; :meth:`finish` completes it.
 
@@ -419,6 +422,7 @@ class H5Builder:
         self.datasets: dict = {}
         self.next = 0  # the next part to copy
         self.failed = False  # a copy failed: finish() starts over from the parts on disk
+        self._unsynced = 0  # feature bytes copied since the last fsync
         self._stack = ExitStack()
         self.f = self._stack.enter_context(_h5_create(self.tmp))
         self.f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
@@ -451,9 +455,14 @@ class H5Builder:
             if self.f.write_guard.error is not None:  # HDF5 may swallow it until the flush
                 raise self.f.write_guard.error
             self.digests[layer].update(np.ascontiguousarray(x).tobytes())
+            self._unsynced += x.nbytes
             crash_point("consolidate.layer_copied")
         crash_point("consolidate.part_copied")
         self.next = k + 1
+        if self._unsynced >= SYNC_EVERY:  # write back as we go: the final fsync finds little
+            self.f.flush()
+            os.fsync(self.f.write_guard.raw.fileno())
+            self._unsynced = 0
 
     def abort(self) -> None:
         """Close and delete the temporary file (the parts are untouched)."""

@@ -370,3 +370,21 @@ def test_verify_detects_tampering(data, tmp_path):
         f.attrs["n_valid"] = 5
     r = CliRunner().invoke(main, ["verify", str(cache.path), "--no-checksums"])
     assert r.exit_code == 2 and "n_valid says 5" in r.output
+
+
+def test_incremental_consolidation_with_periodic_fsync(data, tmp_path, monkeypatch):
+    """The writer thread copies parts into the .h5 as it goes and fsyncs it every SYNC_EVERY
+    bytes; fsyncing after every part changes nothing in the result."""
+    monkeypatch.setattr(featprobe.cache, "SYNC_EVERY", 1)  # fsync after every part
+    syncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(featprobe.cache.os, "fsync",
+                        lambda fd: (syncs.append(fd), real_fsync(fd)))
+    a = extract(data, cache_dir=tmp_path / "a", batch_size=3, **FAST)
+    assert len(syncs) >= 4
+    monkeypatch.setattr(featprobe.cache.os, "fsync", real_fsync)
+    monkeypatch.setattr(featprobe.cache, "SYNC_EVERY", 256 << 20)
+    ref = extract(data, cache_dir=tmp_path / "c", batch_size=3, **FAST)
+    assert ref.path.name == a.path.name
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.features(layer), ref.features(layer))
