@@ -237,7 +237,6 @@ def main() -> None:
     dev = resolve_device(args.device)
     prec = resolve_precision(args.precision, dev)
     batch = args.batch_size or (256 if dev.type == "cuda" else 32)
-    workers = default_workers(dev) if args.workers is None else args.workers
     modes = [decoding.resolve_decode(m.strip(), dev) for m in args.decode.split(",")]
     primary = decoding.resolve_decode("auto", dev)
     primary = primary if primary in modes else modes[0]
@@ -246,6 +245,8 @@ def main() -> None:
     pre = backbones.preprocessing(args.backbone, backbones.resolve_weights(args.backbone, "none"),
                                   args.image_size)
     size = pre["crop_size"][0]
+    workers = (default_workers(dev, args.backbone, size) if args.workers is None
+               else args.workers)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{args.backbone} layers={','.join(layers)} device={dev} ({name}) precision={prec} "
           f"batch={batch} n={args.n} workers={workers} decode={','.join(modes)} "

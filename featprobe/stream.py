@@ -62,9 +62,33 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-def default_workers(device: torch.device) -> int:
+# On a CPU with 2 cores both run the forward pass, and a decoding worker process competes with
+# them: for VGG16 (15.5 GFLOPs an image) decoding in the main process between batches measured
+# 0.98 of model-only speed and one worker 0.85-0.89; for resnet18 (1.8 GFLOPs) one worker 0.89-
+# 0.91 and none 0.76 (bench/RESULTS.md). So small CPUs decode in-process for heavy models.
+HEAVY_GFLOPS = 10.0
+
+
+def default_workers(device: torch.device, backbone: str | None = None,
+                    crop: int = 224) -> int:
+    """DataLoader workers: all but one core on CUDA (max 16); on CPU half the cores, max 2,
+    except 0 on 2-core CPUs for models of 10+ GFLOPs an image at this crop size."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(16, max(1, cpus - 1)) if device.type == "cuda" else min(2, max(1, cpus // 2))
+    if device.type == "cuda":
+        return min(16, max(1, cpus - 1))
+    if cpus <= 2 and backbone is not None and _gflops(backbone) * (crop / 224) ** 2 >= HEAVY_GFLOPS:
+        return 0
+    return min(2, max(1, cpus // 2))
+
+
+def _gflops(backbone: str) -> float:
+    """GFLOPs per 224-px image, from torchvision's weights metadata (0 when unknown)."""
+    try:
+        import torchvision
+
+        return float(torchvision.models.get_model_weights(backbone).DEFAULT.meta.get("_ops", 0))
+    except Exception:
+        return 0.0
 
 
 def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers=None,
@@ -84,7 +108,8 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
     extractor = backbones.FeatureExtractor(model, sources).to(dev)
     # channels-last is 1.5-2x faster for convolutions on GPUs and on CPUs alike (oneDNN)
     extractor = extractor.to(memory_format=torch.channels_last)
-    n_workers = default_workers(dev) if workers is None else workers
+    n_workers = (default_workers(dev, backbone, pre["crop_size"][0]) if workers is None
+                 else workers)
     transform = backbones.make_transform(pre)
     if decode == "gpu":
         rows, collate = decoding.EncodedRows(ds, transform, pre["crop_size"][0]), \

@@ -46,3 +46,19 @@ def test_fp16_overflow_is_recomputed_in_fp32(tmp_path, capsys):
     a, b = ref.features("avgpool"), got.features("avgpool")
     assert np.isfinite(a).all() and a.max() > 65504
     np.testing.assert_array_equal(a, b)
+
+
+def test_default_workers_rule(monkeypatch):
+    """2-core CPUs decode in-process for heavy models (measured faster), else one worker."""
+    from featprobe import stream
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert stream.default_workers(cpu, "vgg16") == 0  # 15.5 GFLOPs an image
+    assert stream.default_workers(cpu, "vgg16", crop=32) == 1  # 0.3 GFLOPs at 32 px
+    assert stream.default_workers(cpu, "resnet18") == 1
+    assert stream.default_workers(cpu) == 1
+    assert stream.default_workers(cuda, "vgg16") == 1
+    monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert stream.default_workers(cpu, "vgg16") == 2
+    assert stream.default_workers(cuda, "vgg16") == 15
