@@ -86,10 +86,12 @@ _cache_dir_option = click.option(
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage type of the features.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              show_default=True, help="Compute precision (auto: bf16 on CUDA, fp32 on CPU).")
+              show_default=True, help="Compute precision (auto: fp16 on CUDA, fp32 on CPU; "
+              "measured in bench/RESULTS.md).")
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True, help="JPEG decoding: PIL in workers (cpu) or on the device "
-              "(gpu; other formats still PIL); auto: gpu on CUDA. Not in the cache key.")
+              "(gpu; other formats still PIL); auto: gpu on CUDA with fewer than 8 decode "
+              "workers, else cpu. Not in the cache key.")
 @click.option("--image-size", type=int, help="Crop size instead of the weights' own (e.g. 224).")
 @click.option("--shard", metavar="I/N",
               help="Compute only shard I of N (0-based), e.g. one task of a SLURM array; the "
