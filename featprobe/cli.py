@@ -21,10 +21,33 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, err
                        errno.EFBIG}
 
 
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_error(e: click.UsageError):
+    """click's usage errors in our format: one line, exit code 2, with where to look.
+
+    A bare ``featprobe`` (or a group without its subcommand) still prints the help."""
+    if _NO_ARGS and isinstance(e, _NO_ARGS):
+        raise e
+    where = e.ctx.command_path if e.ctx is not None else "featprobe"
+    msg = " ".join(e.format_message().split())
+    click.echo(f"error: {msg} (see: {where} --help)", err=True)
+    sys.exit(2)
+
+
 class _Group(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            _usage_error(e)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            _usage_error(e)
         except FeatprobeError as e:
             click.echo("error: " + " ".join(str(e).split()), err=True)  # always one line
             ctx.exit(2)

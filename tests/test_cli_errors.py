@@ -38,11 +38,10 @@ def _assert_one_line_error(result, match: str | None = None, click_usage: bool =
     assert result.stdout == ""
     lines = result.stderr.rstrip("\n").splitlines()
     assert lines, "nothing on stderr"
-    if click_usage:  # click's own usage errors: "Usage: ...", then "Error: ..." last
-        assert lines[-1].startswith("Error: "), lines
-    else:
-        assert len(lines) == 1, lines
-        assert lines[0].startswith("error: "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: "), lines
+    if click_usage:  # click's own usage errors, in our format, pointing at the right --help
+        assert lines[0].endswith(" --help)") and "(see: " in lines[0], lines
     if match is not None:
         assert match in lines[-1], lines[-1]
     return lines[-1]
@@ -248,3 +247,16 @@ def test_info_hdf5_but_not_a_cache(tmp_path):
 def test_info_directory(tmp_path):
     result = CliRunner().invoke(main, ["info", str(tmp_path)])
     _assert_one_line_error(result, str(tmp_path))
+
+
+def test_usage_errors_are_one_line_from_the_console_script():
+    """The real program name, an unknown option and command, and the bare group still helps."""
+    run = [sys.executable, "-m", "featprobe"]
+    for args, text in ((["--bogus"], "No such option '--bogus'. (see: featprobe --help)"),
+                       (["bogus"], "No such command 'bogus'. (see: featprobe --help)"),
+                       (["fit"], "Missing argument 'CACHE'. (see: featprobe fit --help)")):
+        p = subprocess.run(run + args, capture_output=True, text=True)
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr.splitlines() == ["error: " + text], p.stderr
+    p = subprocess.run(run, capture_output=True, text=True)
+    assert "Commands:" in p.stdout + p.stderr  # no subcommand: click's help, as before
