@@ -216,13 +216,54 @@ class FeatureCache:
             ds = f["features"][layer]
             if rows is None:
                 return ds[()]
-            rows = np.asarray(rows, dtype=np.int64)
-            uniq, inverse = np.unique(rows, return_inverse=True)
-            if len(uniq) == 0:
-                return np.empty((0, ds.shape[1]), dtype=ds.dtype)
-            # h5py point selection is slow for many rows: past a quarter, read all and index
-            block = ds[()][uniq] if len(uniq) > ds.shape[0] // 4 else ds[uniq]
-            return block[inverse]
+            return read_rows(ds, rows)  # chunk-aligned ranges: memory = result + 32 MiB
+
+
+def _chunk_rows(ds) -> int:
+    if ds.chunks:
+        return ds.chunks[0]
+    return max(1, (1 << 20) // (ds.shape[1] * ds.dtype.itemsize))
+
+
+def _runs(sorted_rows: np.ndarray, span: int, n_total: int):
+    """``(lo, hi, a, b)``: aligned row ranges ``[lo, hi)`` of ``span`` rows holding
+    ``sorted_rows[a:b]`` (ranges without a wanted row are skipped)."""
+    starts = np.arange(0, n_total, span, dtype=np.int64)
+    bounds = np.searchsorted(sorted_rows, np.append(starts, n_total))
+    for k in np.flatnonzero(bounds[1:] > bounds[:-1]):
+        lo = int(starts[k])
+        yield lo, min(lo + span, n_total), int(bounds[k]), int(bounds[k + 1])
+
+
+def _span(ds, nbytes: int) -> int:
+    """Rows per read: whole chunks, about ``nbytes`` (rows of one chunk if that is smaller)."""
+    chunk = _chunk_rows(ds)
+    row = ds.shape[1] * ds.dtype.itemsize
+    if nbytes < row * chunk:
+        return min(chunk, max(64, nbytes // row))
+    return nbytes // (row * chunk) * chunk
+
+
+def read_rows(ds, rows, scan_bytes: int = 32 << 20) -> np.ndarray:
+    """Rows ``rows`` of the 2-D h5py dataset ``ds``, in the given order (repeats allowed).
+
+    Reads chunk-aligned ranges of about ``scan_bytes`` and scatters the wanted rows into the
+    result, so memory is the result plus one range, never a copy of the whole layer.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
+    if not len(rows):
+        return out
+    if rows.min() < 0 or rows.max() >= ds.shape[0]:
+        raise IndexError(f"row index out of range 0..{ds.shape[0] - 1}")
+    order = np.argsort(rows, kind="stable")
+    srt = rows[order]
+    span = _span(ds, scan_bytes)
+    scratch = np.empty((span, ds.shape[1]), dtype=ds.dtype)
+    for lo, hi, a, b in _runs(srt, span, ds.shape[0]):
+        ds.read_direct(scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
+        out[order[a:b]] = scratch[srt[a:b] - lo]
+    return out
 
 
 @contextmanager

@@ -41,6 +41,8 @@ import h5py
 import numpy as np
 import torch
 
+from featprobe.cache import _chunk_rows, _runs, _span
+from featprobe.cache import read_rows as cache_read_rows
 from featprobe.errors import FeatprobeError
 
 __all__ = [
@@ -156,22 +158,6 @@ def _open(path, layer):
     return f, ds
 
 
-def _chunk_rows(ds) -> int:
-    if ds.chunks:
-        return ds.chunks[0]
-    return max(1, (1 << 20) // (ds.shape[1] * ds.dtype.itemsize))
-
-
-def _runs(sorted_rows: np.ndarray, span: int, n_total: int):
-    """``(lo, hi, a, b)``: aligned row ranges ``[lo, hi)`` of ``span`` rows holding
-    ``sorted_rows[a:b]`` (ranges without a wanted row are skipped)."""
-    starts = np.arange(0, n_total, span, dtype=np.int64)
-    bounds = np.searchsorted(sorted_rows, np.append(starts, n_total))
-    for k in np.flatnonzero(bounds[1:] > bounds[:-1]):
-        lo = int(starts[k])
-        yield lo, min(lo + span, n_total), int(bounds[k]), int(bounds[k + 1])
-
-
 def _read_selected(ds, lo, hi, rows, out, at, scratch):
     """Rows ``rows`` (sorted, all in ``[lo, hi)``) → ``out[at : at + len(rows)]``."""
     k = len(rows)
@@ -186,32 +172,12 @@ def _read_selected(ds, lo, hi, rows, out, at, scratch):
 def read_rows(path, layer: str, rows) -> np.ndarray:
     """The given rows of ``features/<layer>``, in the given order, as stored.
 
-    Reads chunk-aligned ranges of ~32 MiB and scatters the wanted rows into the result, so
-    memory is the result plus one range (not a copy of the whole dataset).
+    Reads chunk-aligned ranges of ~32 MiB (:func:`featprobe.cache.read_rows`), so memory is the
+    result plus one range (not a copy of the whole dataset).
     """
-    rows = np.asarray(rows, dtype=np.int64)
     f, ds = _open(path, layer)
     with f:
-        out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
-        if not len(rows):
-            return out
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        span = _span(ds, SCAN_BYTES)
-        scratch = np.empty((span, ds.shape[1]), dtype=ds.dtype)
-        for lo, hi, a, b in _runs(srt, span, ds.shape[0]):
-            ds.read_direct(scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
-            out[order[a:b]] = scratch[srt[a:b] - lo]
-    return out
-
-
-def _span(ds, nbytes: int) -> int:
-    """Rows per read: whole chunks, about ``nbytes`` (rows of one chunk if that is smaller)."""
-    chunk = _chunk_rows(ds)
-    row = ds.shape[1] * ds.dtype.itemsize
-    if nbytes < row * chunk:
-        return min(chunk, max(64, nbytes // row))
-    return nbytes // (row * chunk) * chunk
+        return cache_read_rows(ds, rows, SCAN_BYTES)
 
 
 class BlockRows:

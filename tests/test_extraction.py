@@ -388,3 +388,25 @@ def test_incremental_consolidation_with_periodic_fsync(data, tmp_path, monkeypat
     assert ref.path.name == a.path.name
     for layer in a.layers:
         np.testing.assert_array_equal(a.features(layer), ref.features(layer))
+
+
+def test_features_rows_read_in_chunk_ranges(tmp_path, monkeypatch):
+    """features(rows=...) returns the rows in the order asked (repeats too) and reads the layer
+    in bounded chunk-aligned ranges, never the whole dataset at once."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 64)).astype(np.float16)
+    cache = featprobe.cache.write_arrays(tmp_path / "x.h5", [f"{i}" for i in range(3000)],
+                                         np.arange(3000) % 2, [0, 1], {"f": x})
+    rows = np.concatenate([rng.integers(0, 3000, 700), [2999, 0, 0, 1500]])
+    reads = []
+    real = h5py.Dataset.read_direct
+
+    def spy(self, dest, source_sel=None, dest_sel=None):
+        reads.append(source_sel)
+        return real(self, dest, source_sel, dest_sel)
+
+    monkeypatch.setattr(h5py.Dataset, "read_direct", spy)
+    monkeypatch.setattr(featprobe.cache, "_span", lambda ds, nbytes: 256)
+    np.testing.assert_array_equal(cache.features("f", rows=rows), x[rows])
+    assert reads and all(s.stop - s.start <= 256 for s in reads)
+    assert cache.features("f", rows=[]).shape == (0, 64)
