@@ -466,6 +466,7 @@ class H5Builder:
         self._unsynced = 0  # feature bytes copied since the last fsync
         self._stack = ExitStack()
         self.f = self._stack.enter_context(_h5_create(self.tmp))
+        self.ids, self.labels, self.classes = list(ids), np.asarray(labels), list(classes)
         self.f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
         lab = self.f.create_dataset("labels", data=np.asarray(labels).astype(np.int64))
         lab.attrs["classes"] = _json_attr(classes)
@@ -530,6 +531,7 @@ class H5Builder:
             for key, value in attrs.items():
                 f.attrs[key] = _attr_value(value)
             f.attrs["n_valid"] = int(self.valid.sum())
+            f.attrs["rows_sha256"] = rows_digest(self.ids, self.labels, self.valid, self.classes)
             crash_point("consolidate.before_complete")
             f.attrs["complete"] = True  # last: a file without it is never read as a cache
             f.flush()
@@ -701,6 +703,14 @@ def _check_identity(meta: dict) -> list[str]:
     return problems
 
 
+def rows_digest(ids, labels, valid, classes) -> str:
+    """SHA-256 of what identifies the rows: ids, labels, valid flags and the class list."""
+    h = hashlib.sha256(json.dumps([list(ids), list(classes)], default=str).encode())
+    h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(valid, dtype=bool)).tobytes())
+    return h.hexdigest()
+
+
 def verify(path: str | os.PathLike, checksums: bool = True) -> dict:
     """Check a cache's integrity; raise FeatprobeError naming the first problem found.
 
@@ -722,6 +732,12 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> dict:
         problems.append(f"/bad lists {len(cache.bad)} rows, /valid marks {n - cache.n_valid}")
     problems += _check_identity(cache.meta)
     checked = {}
+    recorded_rows = cache.meta.get("rows_sha256")
+    if checksums and recorded_rows:  # caches made before it was recorded have none
+        got = rows_digest(cache.ids, cache.labels, cache.valid, cache.classes)
+        checked["rows"] = got == recorded_rows
+        if not checked["rows"]:
+            problems.append("ids/labels/valid/classes do not match their recorded SHA-256")
     with _read_errors(cache.path, "the features"), h5py.File(cache.path, "r") as f:
         for layer in cache.layers:
             ds = f["features"][layer]

@@ -358,7 +358,7 @@ def test_verify_detects_tampering(data, tmp_path):
 
     cache = extract(data, cache_dir=tmp_path / "c", **FAST)
     report = verify(cache.path)
-    assert report["rows"] == 12 and report["checksums"] == {"avgpool": True}
+    assert report["rows"] == 12 and report["checksums"] == {"rows": True, "avgpool": True}
     r = CliRunner().invoke(main, ["verify", str(cache.path)])
     assert r.exit_code == 0 and "avgpool sha256 ok" in r.output
     with h5py.File(cache.path, "a") as f:  # one flipped value: the checksum catches it
@@ -410,3 +410,25 @@ def test_features_rows_read_in_chunk_ranges(tmp_path, monkeypatch):
     np.testing.assert_array_equal(cache.features("f", rows=rows), x[rows])
     assert reads and all(s.stop - s.start <= 256 for s in reads)
     assert cache.features("f", rows=[]).shape == (0, 64)
+
+
+@pytest.mark.parametrize("edit", ["id", "label", "valid"])
+def test_verify_catches_edited_rows(tmp_path, edit):
+    """ids, labels and valid flags carry a SHA-256 recorded at consolidation, like features."""
+    cache = featprobe.cache.write_arrays(tmp_path / "x.h5", ["a.jpg", "b.jpg", "c.jpg"],
+                                         np.array([0, 1, 0]), ["no", "yes"],
+                                         {"f": np.ones((3, 4), np.float32)})
+    assert featprobe.cache.verify(cache.path)["checksums"]["rows"] is True
+    with h5py.File(cache.path, "r+") as f:
+        if edit == "id":
+            f["ids"][1] = "B.jpg"
+        elif edit == "label":
+            f["labels"][0] = 1
+        else:  # a row marked invalid, with /bad and n_valid edited to agree
+            f["valid"][2] = False
+            f.attrs["n_valid"] = 2
+            del f["bad"]
+            f.create_dataset("bad", data=np.array([["c.jpg", "x"]], dtype=object),
+                             dtype=h5py.string_dtype())
+    with pytest.raises(FeatprobeError, match="ids/labels/valid/classes do not match"):
+        featprobe.cache.verify(cache.path)
