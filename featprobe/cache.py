@@ -252,8 +252,17 @@ def read_rows(ds, rows, scan_bytes: int = 32 << 20) -> np.ndarray:
     """
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
+    for where, block in iter_rows(ds, rows, scan_bytes):
+        out[where] = block
+    return out
+
+
+def iter_rows(ds, rows, scan_bytes: int = 32 << 20):
+    """``(where, block)`` over rows ``rows`` of ``ds``: ``block`` holds ``rows[where]`` as
+    stored, read one chunk-aligned range of about ``scan_bytes`` at a time."""
+    rows = np.asarray(rows, dtype=np.int64)
     if not len(rows):
-        return out
+        return
     if rows.min() < 0 or rows.max() >= ds.shape[0]:
         raise IndexError(f"row index out of range 0..{ds.shape[0] - 1}")
     order = np.argsort(rows, kind="stable")
@@ -262,8 +271,7 @@ def read_rows(ds, rows, scan_bytes: int = 32 << 20) -> np.ndarray:
     scratch = np.empty((span, ds.shape[1]), dtype=ds.dtype)
     for lo, hi, a, b in _runs(srt, span, ds.shape[0]):
         ds.read_direct(scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
-        out[order[a:b]] = scratch[srt[a:b] - lo]
-    return out
+        yield order[a:b], scratch[srt[a:b] - lo]  # fancy indexing: a copy, not the scratch
 
 
 @contextmanager

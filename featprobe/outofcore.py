@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 import torch
 
-from featprobe.cache import _chunk_rows, _runs, _span
+from featprobe.cache import _chunk_rows, _runs, _span, iter_rows
 from featprobe.cache import read_rows as cache_read_rows
 from featprobe.errors import FeatprobeError
 
@@ -345,23 +345,16 @@ def _apply_scaler(source: BlockRows, scaler) -> None:
 
 def _stream_predict(est, path, layer, rows, nbytes: int) -> np.ndarray:
     """``est.predict`` over ``rows`` (any order), read ~``nbytes`` at a time as float32."""
-    rows = np.asarray(rows, dtype=np.int64)
     out = None
     f, ds = _open(path, layer)
     with f:
         if not len(rows):
             return np.empty(0, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        span = _span(ds, nbytes)
-        scratch = np.empty((span, ds.shape[1]), dtype=ds.dtype)
-        for lo, hi, a, b in _runs(srt, span, ds.shape[0]):
-            ds.read_direct(scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
-            xb = scratch[srt[a:b] - lo].astype(np.float32)
-            pred = est.predict(xb)
+        for where, block in iter_rows(ds, rows, nbytes):
+            pred = est.predict(block.astype(np.float32))
             if out is None:
                 out = np.empty(len(rows), dtype=pred.dtype)
-            out[order[a:b]] = pred
+            out[where] = pred
     return out
 
 
