@@ -37,12 +37,12 @@ from featprobe import backbones, decoding  # noqa: E402
 from featprobe.cache import PartialCache  # noqa: E402
 from featprobe.data import load_dataset  # noqa: E402
 from featprobe.extraction import extract  # noqa: E402
-from featprobe.images import ImageRows  # noqa: E402
 from featprobe.stream import (  # noqa: E402
     _AUTOCAST,
     _PartWriter,
     default_workers,
     feature_batches,
+    image_loader,
     resolve_device,
     resolve_precision,
 )
@@ -131,17 +131,9 @@ def model_only(ext, layers, dev, prec: str, batch: int, size: int, seconds: floa
 
 def decode_stage(ds, pre, dev, mode, batch, workers, max_batches) -> float:
     """img/s of decode + preprocess alone: the DataLoader, plus the device decode for ``gpu``."""
-    transform = backbones.make_transform(pre)
-    if mode == "gpu":
-        rows, collate = decoding.EncodedRows(ds, transform, pre["crop_size"][0]), \
-            decoding.collate_encoded
-    else:
-        rows, collate = ImageRows(ds, transform, pre["crop_size"][0]), None
     n = min(len(ds), batch * max_batches)
     batches = [list(range(s, min(n, s + batch))) for s in range(0, n, batch)]
-    loader = torch.utils.data.DataLoader(rows, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=collate, pin_memory=dev.type == "cuda",
-                                         prefetch_factor=4 if workers else None)
+    loader, transform = image_loader(ds, pre, dev, mode, batches, workers)
     t, seen = None, 0
     with torch.inference_mode():
         for b in loader:

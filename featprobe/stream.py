@@ -91,6 +91,29 @@ def _gflops(backbone: str) -> float:
         return 0.0
 
 
+def image_loader(ds, pre, dev, decode, batches, workers):
+    """The in-order DataLoader over ``batches`` for a decode path, and the PIL transform.
+
+    ``cpu``: batches of preprocessed pixels; ``gpu``: batches of file bytes (and PIL pixels
+    for what the tensor decoder will not take) for :func:`featprobe.decoding.assemble`.
+    """
+    transform = backbones.make_transform(pre)
+    size = pre["crop_size"][0]
+    if decode == "gpu":
+        rows, collate = decoding.EncodedRows(ds, transform, size), decoding.collate_encoded
+    else:
+        rows, collate = ImageRows(ds, transform, size), None
+    loader = torch.utils.data.DataLoader(
+        rows,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    return loader, transform
+
+
 def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers=None,
                     progress=True, initial=0, desc=None, decode="cpu"):
     """Yield ``(rows, {layer: float32 array}, reasons)`` for each batch of row indices.
@@ -110,20 +133,7 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
     extractor = extractor.to(memory_format=torch.channels_last)
     n_workers = (default_workers(dev, backbone, pre["crop_size"][0]) if workers is None
                  else workers)
-    transform = backbones.make_transform(pre)
-    if decode == "gpu":
-        rows, collate = decoding.EncodedRows(ds, transform, pre["crop_size"][0]), \
-            decoding.collate_encoded
-    else:
-        rows, collate = ImageRows(ds, transform, pre["crop_size"][0]), None
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_sampler=batches,
-        num_workers=n_workers,
-        collate_fn=collate,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if n_workers else None,
-    )
+    loader, transform = image_loader(ds, pre, dev, decode, batches, n_workers)
     bar = tqdm(total=initial + sum(len(b) for b in batches), initial=initial, unit="img",
                desc=desc or f"extract {backbone}", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
