@@ -16,9 +16,7 @@ once out of core under `--big-max-memory`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scale import peak_rss_child  # noqa: E402
 
 from featprobe.cache import write_arrays  # noqa: E402
 from featprobe.fitting import fit  # noqa: E402
@@ -57,23 +58,6 @@ def make_cache(directory: Path, n: int, d: int):
                         [0, 1], {"f": _Rows(y, d)}, meta={"backbone": "bench"})
 
 
-_CHILD = r"""
-import json, sys, time
-import featprobe.fitting, featprobe.outofcore, torch, sklearn, h5py  # noqa: F401
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-base = status("VmRSS")
-args = json.loads(sys.argv[1])
-rec = featprobe.fitting.fit(args.pop("cache"), **args)
-print(json.dumps({"fit_seconds": rec["fit_seconds"], "acc": rec["val"]["accuracy"],
-                  "ooc": bool(rec["out_of_core"]), "base": base, "peak": status("VmHWM")}))
-"""
-
-
 def big(cache, size, heads, max_memory, epochs, tmp) -> None:
     """Each head in a child process, in memory and out of core: seconds and peak RSS."""
     gb = cache.shapes["f"][0] * cache.shapes["f"][1] * 2 / 2**30
@@ -85,14 +69,14 @@ def big(cache, size, heads, max_memory, epochs, tmp) -> None:
                 args["epochs"] = epochs
             if mm:
                 args["max_memory"] = mm
-            out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)],
-                                 stdout=subprocess.PIPE, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            where = f"out-of-core {mm}" if r["ooc"] else "in memory"
+            r = peak_rss_child(**args)
+            rec, peak, base = r["record"], r["peak_rss"], r["baseline_rss"]
+            where = f"out-of-core {mm}" if rec["out_of_core"] else "in memory"
             label = f"{head} x{epochs}ep" if "epochs" in args else head
-            print(f"{size:>12} {label:>14} {r['fit_seconds']:>8.2f} {'':>9} "
-                  f"{100 * r['acc']:>7.1f}%  {where}: peak RSS {r['peak'] / 2**20:,.0f} MiB "
-                  f"(+{(r['peak'] - r['base']) / 2**20:,.0f} MiB over post-import)", flush=True)
+            print(f"{size:>12} {label:>14} {rec['fit_seconds']:>8.2f} {'':>9} "
+                  f"{100 * rec['val']['accuracy']:>7.1f}%  {where}: peak RSS "
+                  f"{peak / 2**20:,.0f} MiB (+{(peak - base) / 2**20:,.0f} MiB over post-import)",
+                  flush=True)
 
 
 def main() -> None:

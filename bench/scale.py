@@ -30,7 +30,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import scale_extract  # noqa: E402
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -157,11 +159,7 @@ def cmd_fit(args) -> None:
 
 
 def cmd_extract(args) -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    import scale_extract
-
-    scale_extract.run(args.n, args.ranks, args.backbone, args.device, args.image_size,
-                      args.batch_size, Path(args.dir) if args.dir else None)
+    scale_extract.run_args(args)
 
 
 def main() -> None:
@@ -176,13 +174,7 @@ def main() -> None:
     f.add_argument("--keep", action="store_true", help="keep the temp dir")
     f.set_defaults(func=cmd_fit)
     e = sub.add_parser("extract", help="1 process vs N torchrun ranks, same cache")
-    e.add_argument("--n", type=int, default=512)
-    e.add_argument("--ranks", type=int, default=2)
-    e.add_argument("--backbone", default="resnet18")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--image-size", type=int, default=224)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--dir", help="work directory (default: a new temp dir)")
+    scale_extract.add_arguments(e)
     e.set_defaults(func=cmd_extract)
     args = ap.parse_args()
     args.func(args)

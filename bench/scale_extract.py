@@ -30,8 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from extract_speed import make_jpegs  # noqa: E402
-
 from featprobe.cache import FeatureCache  # noqa: E402
 
 
@@ -49,6 +47,8 @@ def _cache(directory: Path, n: int) -> Path:
 
 def run(n: int = 512, ranks: int = 2, backbone: str = "resnet18", device: str = "cpu",
         image_size: int = 224, batch_size: int = 32, workdir: Path | None = None) -> dict:
+    from extract_speed import make_jpegs  # imports torch: only when this runs
+
     tmp = Path(workdir or tempfile.mkdtemp(prefix="fp-scale-extract-"))
     csv = make_jpegs(tmp / "data", n)
     cores = len(os.sched_getaffinity(0))
@@ -89,8 +89,8 @@ def run(n: int = 512, ranks: int = 2, backbone: str = "resnet18", device: str = 
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of this benchmark (also `bench/scale.py extract`'s)."""
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--backbone", default="resnet18")
@@ -98,8 +98,16 @@ def main(argv=None) -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dir", type=Path, help="work directory (default: a new temp dir)")
-    a = ap.parse_args(argv)
-    run(a.n, a.ranks, a.backbone, a.device, a.image_size, a.batch_size, a.dir)
+
+
+def run_args(a: argparse.Namespace) -> dict:
+    return run(a.n, a.ranks, a.backbone, a.device, a.image_size, a.batch_size, a.dir)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    run_args(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
