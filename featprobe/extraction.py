@@ -135,9 +135,9 @@ def extract(
         with partial.locked(on_wait=waiting):
             if final.exists():  # the other writer finished it
                 return _reuse(final, on_error)
-            builder = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype,
-                                   on_error, partial, config, key, batch_size, workers, progress,
-                                   shard, decode=decode, incremental=True)
+            _, builder = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype,
+                                      on_error, partial, config, key, batch_size, workers,
+                                      progress, shard, decode=decode, incremental=True)
             partial.finish(builder)
     else:
         cache = _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
@@ -159,10 +159,10 @@ def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error
     group = ProcessGroup(shard, dev.type)
     try:
         with partial.locked(on_wait=waiting, name=f"lock-shard-{shard.index}-of-{shard.count}"):
-            n_parts = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
-                                   partial, config, key, batch_size, workers,
-                                   progress and (not shard.torchrun or shard.index == 0), shard,
-                                   decode=decode)
+            n_parts, _ = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype,
+                                      on_error, partial, config, key, batch_size, workers,
+                                      progress and (not shard.torchrun or shard.index == 0),
+                                      shard, decode=decode)
         group.barrier()  # torchrun: every rank's parts are on disk past this line
         if shard.torchrun:
             if shard.index == 0:
@@ -182,10 +182,11 @@ def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error
 
 def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
                  key, batch_size, workers, progress, shard, decode="cpu", incremental=False):
-    """Compute this shard's parts that are still missing; return the number of parts in all.
+    """Compute this shard's parts that are still missing; return ``(parts in all, builder)``.
 
     ``incremental`` (one writer for the whole dataset): copy parts into the final HDF5 file as
-    they are written and return the unfinished :class:`~featprobe.cache.H5Builder` instead."""
+    they are written; ``builder`` is then the unfinished :class:`~featprobe.cache.H5Builder`
+    (else None)."""
     import torch
     import torchvision
 
@@ -229,7 +230,7 @@ def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, 
         if builder is not None:
             builder.abort()
         raise
-    return builder if incremental else n_parts
+    return n_parts, builder
 
 
 def _gpu_visible() -> bool:
