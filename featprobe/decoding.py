@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from featprobe import pixels
 from featprobe.errors import FeatprobeError
 from featprobe.images import BadImage, load_rgb
 
@@ -171,19 +172,19 @@ def _crop_hw(pre: dict) -> list[int]:
 
 
 def preprocess(images: Sequence[torch.Tensor], pre: dict) -> torch.Tensor:
-    """uint8 [3, H, W] images → the model's float input [B, 3, h, w], on their device.
+    """uint8 [3, H, W] images → uint8 crops [B, 3, h, w], on their device.
 
-    The weights' own preprocessing facts, in the order and arithmetic of torchvision's
-    ``ImageClassification`` preset (so the PIL path and this one differ only where the resize
-    kernels do): shorter side to ``resize_size`` (uint8 out), centre crop, ``/255``, ``-mean``,
-    ``/std``. Same-sized images are resized together, one kernel call per size.
+    The weights' own preprocessing facts, in the order of torchvision's ``ImageClassification``
+    preset (so the PIL path and this one differ only where the resize kernels do): shorter side
+    to ``resize_size`` (uint8 out), centre crop; :func:`featprobe.pixels.normalize` does the
+    rest. Same-sized images are resized together, one kernel call per size.
     """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     h, w = _crop_hw(pre)
     device = images[0].device
-    out = torch.empty(len(images), 3, h, w, device=device)
+    out = torch.empty(len(images), 3, h, w, dtype=torch.uint8, device=device)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, im in enumerate(images):
         groups[tuple(im.shape)].append(i)
@@ -197,18 +198,17 @@ def preprocess(images: Sequence[torch.Tensor], pre: dict) -> torch.Tensor:
         if len(idx) == len(images):
             out.copy_(x)
         else:
-            out[torch.tensor(idx, device=device)] = x.to(out.dtype)
-    mean = torch.tensor(pre["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"], device=device).view(1, 3, 1, 1)
-    return out.div_(255).sub_(mean).div_(std)
+            out[torch.tensor(idx, device=device)] = x
+    return out
 
 
 def pil_input(data: bytes, transform, size: int) -> tuple[torch.Tensor, str]:
-    """One image through the PIL path, from its bytes: (float [3, s, s], "") or (zeros, reason)."""
+    """One image through the PIL path, from its bytes, with a :func:`featprobe.pixels.
+    pixel_transform`: (uint8 [3, s, s], "") or (zeros, reason)."""
     try:
         return transform(load_rgb(io.BytesIO(data))), ""
     except BadImage as e:
-        return torch.zeros(3, size, size), str(e) or "cannot decode"
+        return torch.zeros(3, size, size, dtype=torch.uint8), str(e) or "cannot decode"
 
 
 def decode_tensors(datas: list[torch.Tensor], device) -> list[torch.Tensor | None]:
@@ -231,15 +231,14 @@ def decode_batch(datas: Sequence[bytes], pre: dict, device="cpu", transform=None
     """Raw file bytes → (model input [B, 3, h, w] float on ``device``, per-image reasons).
 
     JPEGs the tensor decoder takes are decoded on ``device`` in one batched call; the rest (and
-    any it rejects) go through PIL one by one. ``reasons[i]`` is "" for a good image; a bad one
-    gets zeros and PIL's reason, as on the CPU path.
+    any it rejects) go through PIL one by one (``transform``: a :func:`featprobe.pixels.
+    pixel_transform`). ``reasons[i]`` is "" for a good image; a bad one gets zero pixels and
+    PIL's reason, as on the CPU path (zeros in the result).
     """
-    from featprobe.backbones import make_transform
-
-    transform = transform or make_transform(pre)
+    transform = transform or pixels.pixel_transform(pre)
     device = torch.device(device)
     h, w = _crop_hw(pre)
-    x = torch.zeros(len(datas), 3, h, w, device=device)
+    x = torch.zeros(len(datas), 3, h, w, dtype=torch.uint8, device=device)
     reasons = [""] * len(datas)
     fast = [i for i, d in enumerate(datas) if not sniff(d)]
     slow = [i for i in range(len(datas)) if i not in set(fast)]
@@ -250,6 +249,10 @@ def decode_batch(datas: Sequence[bytes], pre: dict, device="cpu", transform=None
     for i in sorted(slow):
         img, reasons[i] = pil_input(bytes(datas[i]), transform, h)
         x[i] = img.to(device)
+    x = pixels.normalize(x, pre)
+    bad = [i for i, r in enumerate(reasons) if r]
+    if bad:
+        x[torch.tensor(bad, device=device)] = 0
     return x, reasons
 
 
@@ -271,10 +274,12 @@ def _place(x: torch.Tensor, rows: list[int], images: list, pre: dict) -> list[bo
 
 
 class EncodedRows(torch.utils.data.Dataset):
-    """Rows as ``(index, jpeg bytes or None, PIL-path tensor or None, reason)`` for GPU decoding.
+    """Rows as ``(index, jpeg bytes or None, PIL-path uint8 crop or None, reason)`` for GPU
+    decoding.
 
     A DataLoader worker only reads the file and sniffs it; files the tensor decoder will not take
-    are decoded and transformed here with PIL (the CPU path, with its reasons for bad files).
+    are decoded and cropped here with PIL and ``transform`` (a :func:`featprobe.pixels.
+    pixel_transform`: the CPU path, with its reasons for bad files).
     """
 
     def __init__(self, ds, transform, size: int):
@@ -297,7 +302,8 @@ class EncodedRows(torch.utils.data.Dataset):
         try:
             return i, None, self.transform(load_rgb(path)), ""
         except BadImage as e:
-            return i, None, torch.zeros(3, self.size, self.size), str(e) or "cannot decode"
+            return i, None, torch.zeros(3, self.size, self.size, dtype=torch.uint8), \
+                str(e) or "cannot decode"
 
 
 def collate_encoded(items):
@@ -314,7 +320,7 @@ def collate_encoded(items):
             else torch.empty(0, dtype=torch.uint8))
     size = items[pil_rows[0]][2].shape[-1] if pil_rows else 0
     pil = (torch.stack([items[k][2] for k in pil_rows]) if pil_rows
-           else torch.empty(0, 3, size, size))
+           else torch.empty(0, 3, size, size, dtype=torch.uint8))
     return (index, data, torch.tensor([len(b) for b in blobs], dtype=torch.int64),
             torch.tensor(jpeg_rows, dtype=torch.int64), pil,
             torch.tensor(pil_rows, dtype=torch.int64), [it[3] for it in items])
@@ -322,7 +328,8 @@ def collate_encoded(items):
 
 def assemble(batch, pre: dict, device: torch.device, transform=None,
              ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """A :func:`collate_encoded` batch → ``(index, model input on device, reasons)``.
+    """A :func:`collate_encoded` batch → ``(index, uint8 crops [B, 3, h, w] on device, reasons)``
+    (:func:`featprobe.pixels.normalize` makes them the model's input).
 
     The JPEGs are decoded on ``device`` in one batched call; the PIL rows are copied
     (non-blocking from pinned memory); JPEGs the decoder rejects fall back to PIL here.
@@ -330,7 +337,7 @@ def assemble(batch, pre: dict, device: torch.device, transform=None,
     index, data, lengths, jpeg_rows, pil, pil_rows, reasons = batch
     reasons = list(reasons)
     h, w = _crop_hw(pre)
-    x = torch.empty(len(index), 3, h, w, device=device)
+    x = torch.empty(len(index), 3, h, w, dtype=torch.uint8, device=device)
     if len(pil_rows):
         x[pil_rows.to(device, non_blocking=True)] = pil.to(device, non_blocking=True)
     if len(jpeg_rows):
@@ -338,9 +345,7 @@ def assemble(batch, pre: dict, device: torch.device, transform=None,
         tensors = list(torch.split(data, lengths.tolist()))
         done = _place(x, rows, decode_tensors(tensors, device), pre)
         if not all(done):
-            from featprobe.backbones import make_transform
-
-            transform = transform or make_transform(pre)
+            transform = transform or pixels.pixel_transform(pre)
             for r, t, ok in zip(rows, tensors, done):
                 if not ok:
                     img, reasons[r] = pil_input(t.numpy().tobytes(), transform, h)

@@ -19,6 +19,7 @@ from featprobe.data import Dataset
 from featprobe.decoding import decode_batch, sniff
 from featprobe.errors import FeatprobeError
 from featprobe.images import BadImage, load_rgb
+from featprobe.pixels import normalize, pixel_transform
 from featprobe.weights import packaged_mobilenet_v2
 
 ORIENTATION = 0x0112
@@ -190,20 +191,23 @@ def test_encoded_rows_through_a_worker(tmp_path):
     ids = ["a.jpg", "b.png", "c.jpg", "d.jpg", "missing.jpg"]
     ds = Dataset(root, ids, np.zeros(5, dtype=np.int64), [0])
     pre = {**PRE, "resize_size": [73], "crop_size": [64]}
-    transform = make_transform(pre)
-    rows = decoding.EncodedRows(ds, transform, 64)
+    rows = decoding.EncodedRows(ds, pixel_transform(pre), 64)  # uint8 crops for the PIL rows
     loader = torch.utils.data.DataLoader(rows, batch_size=5, num_workers=1,
                                          collate_fn=decoding.collate_encoded)
     (batch,) = list(loader)
     assert batch[3].tolist() == [0, 3] and batch[5].tolist() == [1, 2, 4]  # jpeg / PIL rows
-    index, x, reasons = decoding.assemble(batch, pre, torch.device("cpu"))
+    index, crops, reasons = decoding.assemble(batch, pre, torch.device("cpu"))
+    assert crops.dtype == torch.uint8 and crops.shape == (5, 3, 64, 64)
+    x = normalize(crops, pre)
     assert index.tolist() == [0, 1, 2, 3, 4]
     assert reasons[:2] == ["", ""] and reasons[3] == ""
     assert reasons[2].startswith("cannot decode") and reasons[4] == "file not found"
+    transform = make_transform(pre)
     for k in (0, 1, 3):
         ref = transform(load_rgb(root / ids[k]))
         assert (x[k] - ref).abs().max() <= PIXEL_TOL
-    assert not x[2].any() and not x[4].any()
+    assert torch.equal(x[1], transform(load_rgb(root / ids[1])))  # PNG: the PIL path exactly
+    assert not crops[2].any() and not crops[4].any()  # bad files: zero pixels
 
 
 # ----------------------------------------------------------------------------- real features
