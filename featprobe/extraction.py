@@ -102,8 +102,8 @@ def extract(
     pre = preprocessing(backbone, choice, image_size)
     dev = resolve_device(sharding.device_for(shard, device))
     prec = resolve_precision(precision, dev)
-    if workers is None and shard.local_count > 1:  # ranks on one node share its cores
-        workers = max(1, default_workers(dev) // shard.local_count)
+    if workers is None and shard.local_count > 1 and dev.type == "cuda":
+        workers = max(1, default_workers(dev) // shard.local_count)  # ranks share the cores
     decode = resolve_decode(decode, dev, workers)
     config = {
         "format_version": FORMAT_VERSION,

@@ -8,6 +8,7 @@ Truncated, empty and non-image files raise :class:`BadImage` with a short reason
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,16 +78,35 @@ class ImageRows(torch.utils.data.Dataset):
 
     A bad image yields a zero tensor and its reason, so one file never kills a worker; the
     extraction loop decides (``--on-error``) whether that stops the run or marks the row invalid.
+
+    ``threads > 1``: a DataLoader without workers fetches each batch through
+    :meth:`__getitems__`, which decodes its images on that many threads (Pillow releases the
+    GIL while it decodes and resizes). That is how a CPU device decodes: all cores decode a
+    batch, then all cores run the forward pass, instead of a worker process taking a core from
+    the forward's threads while they run (see :func:`featprobe.stream.default_workers`).
     """
 
-    def __init__(self, ds: Dataset, transform, size: int, fill_dtype=torch.float32):
+    def __init__(self, ds: Dataset, transform, size: int, fill_dtype=torch.float32,
+                 threads: int = 1):
         self.ds = ds
         self.transform = transform
         self.size = size
         self.fill_dtype = fill_dtype
+        self.threads = threads
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def __getitems__(self, indices) -> list:
+        if self.threads <= 1 or len(indices) <= 1:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="featprobe-decode")
+        return list(self._pool.map(self.__getitem__, indices))
+
+    def __getstate__(self) -> dict:  # a worker process gets no thread pool (made on demand)
+        return {**self.__dict__, "_pool": None}
 
     def __getitem__(self, i: int):
         try:

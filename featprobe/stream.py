@@ -70,33 +70,23 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-# On a CPU with 2 cores both run the forward pass, and a decoding worker process competes with
-# them: for VGG16 (15.5 GFLOPs an image) decoding in the main process between batches measured
-# 0.98 of model-only speed and one worker 0.85-0.89; for resnet18 (1.8 GFLOPs) one worker 0.89-
-# 0.91 and none 0.76 (bench/RESULTS.md). So small CPUs decode in-process for heavy models.
-HEAVY_GFLOPS = 10.0
-
-
 def default_workers(device: torch.device, backbone: str | None = None,
                     crop: int = 224) -> int:
-    """DataLoader workers: all but one core on CUDA (max 16); on CPU half the cores, max 2,
-    except 0 on 2-core CPUs for models of 10+ GFLOPs an image at this crop size."""
+    """DataLoader worker processes: all but one core on CUDA (max 16); none on CPU.
+
+    On a CPU device the forward pass already runs on every core (torch's intra-op threads,
+    which meet at a barrier after each operator), so a decoding process beside it does not
+    overlap: it takes a core from one thread while the others wait for it. Measured on 2 cores
+    (bench/RESULTS.md): resnet18 with one worker 0.68-0.71 of model-only speed; decoding each
+    batch in the main process on all cores, then running it, 0.9x. So on CPU the main process
+    decodes each batch on ``torch.get_num_threads()`` threads (:class:`ImageRows`), between
+    forward passes. ``backbone`` and ``crop`` are accepted for callers that pass them.
+    """
+    del backbone, crop
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if device.type == "cuda":
         return min(16, max(1, cpus - 1))
-    if cpus <= 2 and backbone is not None and _gflops(backbone) * (crop / 224) ** 2 >= HEAVY_GFLOPS:
-        return 0
-    return min(2, max(1, cpus // 2))
-
-
-def _gflops(backbone: str) -> float:
-    """GFLOPs per 224-px image, from torchvision's weights metadata (0 when unknown)."""
-    try:
-        import torchvision
-
-        return float(torchvision.models.get_model_weights(backbone).DEFAULT.meta.get("_ops", 0))
-    except Exception:
-        return 0.0
+    return 0
 
 
 def image_loader(ds, pre, dev, decode, batches, workers):
@@ -111,7 +101,9 @@ def image_loader(ds, pre, dev, decode, batches, workers):
     if decode == "gpu":
         rows, collate = decoding.EncodedRows(ds, transform, size), decoding.collate_encoded
     else:
-        rows, collate = ImageRows(ds, transform, size, fill_dtype=torch.uint8), None
+        threads = torch.get_num_threads() if workers == 0 else 1
+        rows = ImageRows(ds, transform, size, fill_dtype=torch.uint8, threads=threads)
+        collate = None
     loader = torch.utils.data.DataLoader(
         rows,
         batch_sampler=batches,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -298,3 +300,30 @@ def test_image_rows_through_dataloader_worker(tmp_path):
     assert idx.tolist() == [0, 1, 2] and x.shape == (3, 3, 32, 32)
     assert reasons[0].startswith("not an image") and reasons[1:] == ("", "")
     assert not x[0].any() and x[1].any()
+
+
+def test_image_rows_decode_a_batch_on_threads_in_order(tmp_path, monkeypatch):
+    """Without workers, the DataLoader fetches a batch through ``__getitems__``: decoded on
+    threads, in order, the same tensors and reasons as one by one."""
+    make_images(tmp_path / "imgs", 7, size=24)
+    (tmp_path / "imgs" / "bad.jpg").write_text("not really")
+    ds = read_image_list(tmp_path / "imgs")
+    threads = set()
+    real = ImageRows.__getitem__
+
+    def spy(self, i):
+        threads.add(threading.get_ident())
+        return real(self, i)
+
+    monkeypatch.setattr(ImageRows, "__getitem__", spy)
+    serial = ImageRows(ds, _transform(), 32)
+    rows = ImageRows(ds, _transform(), 32, threads=3)
+    loader = torch.utils.data.DataLoader(rows, batch_size=8, num_workers=0)
+    (idx, x, reasons), = list(loader)
+    assert threading.get_ident() not in threads and len(threads) > 1  # on the pool's threads
+    assert idx.tolist() == list(range(8))
+    for k in range(8):
+        _, ref, why = serial[k]
+        assert torch.equal(x[k], ref) and reasons[k] == why
+    assert reasons[0].startswith("not an image")
+    assert pickle.loads(pickle.dumps(rows))._pool is None  # a worker process makes its own
