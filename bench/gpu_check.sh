@@ -8,7 +8,7 @@
 #   2. speed        bench/extract_speed.py: VGG16 (random init), batch 256, bf16, channels-last,
 #                   N=4000 JPEGs (500x375) made in a temp dir by a process pool; model-only vs
 #                   end-to-end extract and steady stream for --decode gpu and cpu, with the
-#                   per-stage breakdown (decode, host-to-device, forward, write)
+#                   per-stage breakdown (decode, host-to-device, forward, cast+copy back, write)
 #   3. decode_check bench/decode_check.py: tensor decode on the GPU (nvjpeg) vs PIL, and bf16 vs
 #                   fp32 features (MobileNetV2 with its real ImageNet weights when the file is
 #                   found, VGG16 random init)
@@ -134,6 +134,8 @@ if s:
             ("stage: decode+preprocess img/s", lambda r: r.get("decode_stage")),
             ("stage: host-to-device img/s", lambda r: r.get("h2d")),
             ("stage: forward img/s", lambda r: s["model_only"]),
+            ("stage: cast+copy back img/s", lambda r: s.get("post")),
+            ("stage: numpy cast (before) img/s", lambda r: s.get("post_numpy")),
             ("stage: part write img/s", lambda r: s.get("write"))]
     for name, f in rows:
         vals = [f(s["decode"][m]) for m in modes]
