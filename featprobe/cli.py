@@ -103,7 +103,9 @@ _cache_dir_option = click.option(
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--batch-size", type=click.IntRange(1),
               help="Images per batch (default: 256 GPU, 32 CPU).")
-@click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.")
+@click.option("--workers", type=click.IntRange(0),
+              help="DataLoader worker processes [default: all cores but one on CUDA; 0 on CPU, "
+              "where the main process decodes each batch on all cores, then runs it].")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="Unreadable image: stop naming it, or record it in /bad and go on.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
