@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import signal
 import subprocess
@@ -77,18 +79,50 @@ def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
     assert not list(killed_dir.glob("*.partial"))
 
 
+def _held(cache_dir) -> bool:
+    """Whether some process holds the writer lock of a cache being built in ``cache_dir``."""
+    for lock in cache_dir.glob("*.partial/lock"):
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
 def test_two_identical_extracts_one_writer(tmp_path):
-    """Started together, one computes and the other waits for it, then reports the same cache."""
+    """While one computes, a second identical run waits for it, then reports the same cache.
+
+    Deterministic: once the first holds the cache's writer lock it is paused (SIGSTOP), the
+    second starts and must say it waits, then the first resumes (a small extract takes under a
+    second, so two runs started together could otherwise simply finish one after the other).
+    """
     csv = _dataset(tmp_path / "data", 40)
     cmd = [sys.executable, "-m", "featprobe", "extract", str(csv), "--backbone", "resnet18",
            "--weights", "none", "--image-size", "32", "--batch-size", "2", "--workers", "0",
            "--cache-dir", str(tmp_path / "c"), "-q"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _held(tmp_path / "c"):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)
+    log = tmp_path / "second.err"
+    with open(log, "w") as err:
+        second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        while "waiting for it" not in log.read_text():
+            assert second.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        first.send_signal(signal.SIGCONT)
+        procs = [first, second]
+        outs = [p.communicate(timeout=300) for p in procs]
+    outs[1] = (outs[1][0], log.read_text())
     assert [p.returncode for p in procs] == [0, 0], outs
     paths = {out.strip().splitlines()[-1] for out, _ in outs}
     assert len(paths) == 1
     waited = ["waiting for it" in err for _, err in outs]
-    assert sum(waited) == 1, outs  # exactly one writer; the other waited for its lock
+    assert waited == [False, True], outs  # exactly one writer; the other waited for its lock
     assert FeatureCache(paths.pop()).n_valid == 40
