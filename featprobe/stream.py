@@ -78,9 +78,10 @@ def default_workers(device: torch.device, backbone: str | None = None,
     which meet at a barrier after each operator), so a decoding process beside it does not
     overlap: it takes a core from one thread while the others wait for it. Measured on 2 cores
     (bench/RESULTS.md): resnet18 with one worker 0.68-0.71 of model-only speed; decoding each
-    batch in the main process on all cores, then running it, 0.84 (VGG16: 0.99 past the fixed cost).
-    decodes each batch on ``torch.get_num_threads()`` threads (:class:`ImageRows`), between
-    forward passes. ``backbone`` and ``crop`` are accepted for callers that pass them.
+    batch in the main process on all cores, then running it, 0.84 (VGG16: 0.99 past the fixed
+    cost). So on CPU the main process decodes each batch on ``torch.get_num_threads()``
+    threads (:class:`ImageRows`), between forward passes. ``backbone`` and ``crop`` are
+    accepted for callers that pass them.
     """
     del backbone, crop
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
