@@ -291,8 +291,7 @@ def main() -> None:
     pre = backbones.preprocessing(args.backbone, backbones.resolve_weights(args.backbone, "none"),
                                   args.image_size)
     size = pre["crop_size"][0]
-    workers = (default_workers(dev, args.backbone, size) if args.workers is None
-               else args.workers)
+    workers = default_workers(dev) if args.workers is None else args.workers
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     if args.post_only:
         return _post_only(args.backbone, layers, dev, name, batch, size)
@@ -307,9 +306,7 @@ def main() -> None:
         print(f"made {args.n} JPEGs in {time.perf_counter() - t:.1f} s", flush=True)
         ds = load_dataset(csv)
         ext = _extractor(args.backbone, layers, dev)
-        dims = {k: int(v.shape[1]) for k, v in ext(torch.zeros(1, 3, size, size, device=dev)
-                                                   .contiguous(memory_format=torch.channels_last))
-                .items()} if not args.no_stages else {}
+        dims = _dims(ext, size, dev) if not args.no_stages else {}
         mos = [model_only(ext, layers, dev, prec, batch, size, args.seconds / args.rounds)]
         print(f"model-only:                   {mos[0]:8.1f} img/s", flush=True)
         if not args.no_stages:
@@ -321,7 +318,7 @@ def main() -> None:
             r = res["decode"][mode] = {}
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            seconds = {"all": float("inf")}
+            seconds = {}
             for k in range(args.rounds):
                 if k or mode != modes[0]:
                     mos.append(model_only(ext, layers, dev, prec, batch, size,
@@ -381,12 +378,15 @@ def main() -> None:
     print(f"end-to-end/model-only: {res['decode'][primary]['ratio']:.2f}")
 
 
-def _post_only(backbone, layers, dev, name, batch, size) -> None:
-    ext = _extractor(backbone, layers, dev)
+def _dims(ext, size: int, dev) -> dict:
+    """Each layer's feature width, from one forward pass of a blank image."""
     with torch.inference_mode():
         x = torch.zeros(1, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
-        dims = {k: int(v.shape[1]) for k, v in ext(x).items()}
-    del ext
+        return {k: int(v.shape[1]) for k, v in ext(x).items()}
+
+
+def _post_only(backbone, layers, dev, name, batch, size) -> None:
+    dims = _dims(_extractor(backbone, layers, dev), size, dev)
     new, old = post_stage(dims, batch, dev)
     ms = {k: 1000 * batch / v for k, v in (("new", new), ("old", old))}
     print(f"main-process work per batch of {batch} after the forward ({backbone}: "

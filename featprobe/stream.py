@@ -70,8 +70,7 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-def default_workers(device: torch.device, backbone: str | None = None,
-                    crop: int = 224) -> int:
+def default_workers(device: torch.device) -> int:
     """DataLoader worker processes: all but one core on CUDA (max 16); none on CPU.
 
     On a CPU device the forward pass already runs on every core (torch's intra-op threads,
@@ -80,10 +79,8 @@ def default_workers(device: torch.device, backbone: str | None = None,
     (bench/RESULTS.md): resnet18 with one worker 0.68-0.71 of model-only speed; decoding each
     batch in the main process on all cores, then running it, 0.84 (VGG16: 0.99 past the fixed
     cost). So on CPU the main process decodes each batch on ``torch.get_num_threads()``
-    threads (:class:`ImageRows`), between forward passes. ``backbone`` and ``crop`` are
-    accepted for callers that pass them.
+    threads (:class:`ImageRows`), between forward passes.
     """
-    del backbone, crop
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if device.type == "cuda":
         return min(16, max(1, cpus - 1))
@@ -135,8 +132,7 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
     extractor = backbones.FeatureExtractor(model, sources).to(dev)
     # channels-last is 1.5-2x faster for convolutions on GPUs and on CPUs alike (oneDNN)
     extractor = extractor.to(memory_format=torch.channels_last)
-    n_workers = (default_workers(dev, backbone, pre["crop_size"][0]) if workers is None
-                 else workers)
+    n_workers = default_workers(dev) if workers is None else workers
     loader, transform = image_loader(ds, pre, dev, decode, batches, n_workers)
     bar = tqdm(total=initial + sum(len(b) for b in batches), initial=initial, unit="img",
                desc=desc or f"extract {backbone}", disable=not progress, file=sys.stderr,
@@ -146,7 +142,7 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
         else contextlib.nullcontext()
     )
     cuda = dev.type == "cuda"
-    guard = _Fp16Guard(extractor, layers)
+    guard = _Fp16Guard(extractor, layers, cast)
     pending = None  # CUDA: (index, {layer: pinned host tensor}, copy-done event, reasons)
     try:
         for batch in loader:
@@ -180,8 +176,7 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
             if pending is not None:
                 yield guard.landed(pending)
                 bar.update(len(pending[0]))
-            pending = (index, host, done, list(reasons), finite, x if finite is not None else None,
-                       cast)
+            pending = (index, host, done, list(reasons), finite, x if finite is not None else None)
         if pending is not None:
             yield guard.landed(pending)
             bar.update(len(pending[0]))
@@ -213,26 +208,22 @@ class StorageCast:
     numpy's ``astype`` does (tested bit for bit)."""
 
     def __init__(self, dtype):
-        self.np_dtype = np.dtype(dtype)
         self.dtype = {np.dtype(np.float16): torch.float16,
-                      np.dtype(np.float32): torch.float32}[self.np_dtype]
+                      np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
         self.kept: torch.Tensor | int = 0
         self.lost: torch.Tensor | int = 0
 
     def __call__(self, y: torch.Tensor, reasons, count: bool = True) -> torch.Tensor:
-        y = y.float()
-        bad = [i for i, r in enumerate(reasons) if r]
+        """``y`` (any float dtype: fp16 autocast output is cast once, not via float32) in the
+        storage dtype, bad rows zeroed; ``count``: add its losses to the totals."""
         out = y.to(self.dtype)
-        if bad:
-            rows = torch.tensor(bad, device=y.device)
-            if out is y:
+        stored = out
+        if any(reasons):
+            keep = torch.tensor([not r for r in reasons], device=y.device)
+            if out is y:  # same dtype: do not zero the caller's tensor
                 out = y.clone()
-            out[rows] = 0
-            keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
-            keep[rows] = False
+            out[~keep] = 0
             y, stored = y[keep], out[keep]
-        else:
-            stored = out
         if count and self.dtype == torch.float16:
             nonzero = torch.count_nonzero(y)
             self.kept = self.kept + nonzero
@@ -258,8 +249,8 @@ class _Fp16Guard:
     overflows past 65,504. A batch whose features come out inf/nan is recomputed in fp32, so an
     fp16 cache never holds a non-finite feature that fp32 would not."""
 
-    def __init__(self, extractor, layers):
-        self.extractor, self.layers, self.batches = extractor, layers, 0
+    def __init__(self, extractor, layers, cast=None):
+        self.extractor, self.layers, self.cast, self.batches = extractor, layers, cast, 0
 
     def recompute(self, x: torch.Tensor) -> dict:
         self.batches += 1
@@ -268,10 +259,10 @@ class _Fp16Guard:
 
     def landed(self, pending):
         """Wait for a batch's device-to-host copies; its ``(rows, features, reasons)``."""
-        index, host, done, reasons, finite, x, cast = pending
+        index, host, done, reasons, finite, x = pending
         done.synchronize()
         if finite is not None and not bool(finite):
-            host = _to_host(self.recompute(x), self.layers, cast, reasons)
+            host = _to_host(self.recompute(x), self.layers, self.cast, reasons)
         return index.tolist(), {layer: t.numpy() for layer, t in host.items()}, reasons
 
 

@@ -55,9 +55,8 @@ def test_default_workers_rule(monkeypatch):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert stream.default_workers(cpu, "vgg16") == 0
-    assert stream.default_workers(cpu, "resnet18") == 0
-    assert stream.default_workers(cuda, "vgg16") == 1
+    assert stream.default_workers(cpu) == 0
+    assert stream.default_workers(cuda) == 1
     monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert stream.default_workers(cpu, "vgg16") == 0
-    assert stream.default_workers(cuda, "vgg16") == 15
+    assert stream.default_workers(cpu) == 0
+    assert stream.default_workers(cuda) == 15
