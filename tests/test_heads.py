@@ -149,9 +149,31 @@ def test_minibatch_slicing_does_not_change_the_result(monkeypatch, three_class):
 
     X_tr, _, y_tr, _ = three_class
     whole = LinearHead(**SMALL["linear"], batch_size=64).fit(X_tr, y_tr)
-    monkeypatch.setattr(heads, "_SLICE_BYTES", 4 * X_tr.shape[1] * 8)  # 8-row slices
+    monkeypatch.setattr(heads, "_slice_bytes", lambda: 4 * X_tr.shape[1] * 8)  # 8-row slices
     sliced = LinearHead(**SMALL["linear"], batch_size=64).fit(X_tr, y_tr)
     np.testing.assert_allclose(sliced.coef_, whole.coef_, atol=1e-5)
+
+
+def test_slice_size_follows_the_last_level_cache(tmp_path, monkeypatch):
+    import featprobe.heads as heads
+
+    for i, (level, kind, size) in enumerate(
+        [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
+         (3, "Unified", "266240K")]
+    ):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert heads._last_level_cache_bytes(str(tmp_path)) == 266240 << 10
+    assert heads._last_level_cache_bytes(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(heads, "_last_level_cache_bytes", lambda: 266240 << 10)
+    assert heads._slice_bytes() == 133120 << 10  # half the cache
+    monkeypatch.setattr(heads, "_last_level_cache_bytes", lambda: 4 << 20)
+    assert heads._slice_bytes() == heads._SLICE_BYTES  # never below the floor
+    monkeypatch.setattr(heads, "_last_level_cache_bytes", lambda: None)
+    assert heads._slice_bytes() == heads._SLICE_BYTES
 
 
 def test_linear_gradient_equals_autograd_cross_entropy():
@@ -222,7 +244,7 @@ def test_non_finite_input_is_refused():
 def test_sweep_linear_equals_heads_trained_one_by_one(three_class, monkeypatch):
     import featprobe.heads as heads
 
-    monkeypatch.setattr(heads, "_SLICE_BYTES", 4 * 24 * 16)  # 2 cache slices per batch
+    monkeypatch.setattr(heads, "_slice_bytes", lambda: 4 * 24 * 16)  # 2 slices per batch
     X_tr, X_val, y_tr, y_val = three_class
     X16, X16_val = X_tr.astype(np.float16), X_val.astype(np.float16)
     kw = {"epochs": 4, "batch_size": 32, "device": "cpu", "random_state": 3}
