@@ -15,6 +15,9 @@
     `end-to-end/model-only: 0.NN` (of the path `--decode auto` picks on this device, when several
     are measured). `--summary FILE` also writes the figures as JSON.
 
+    `--main-threads N` sets the main process's torch threads (the suspect on a 16-core GPU host:
+    16 intra-op threads beside 15 decoding workers).
+
     `--rounds K` (default 3) alternates model-only and end-to-end K times in the same process
     and keeps the best of each: on a shared machine another tenant's load only ever slows a
     measurement down, and alternating makes both sides see the same conditions (measured here:
@@ -277,9 +280,13 @@ def main() -> None:
                     help="make only this many distinct JPEGs, the rest as hard links")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     ap.add_argument("--summary", help="also write the figures to this JSON file")
+    ap.add_argument("--main-threads", type=int, default=None,
+                    help="torch intra-op threads of this (the main) process; default torch's")
     ap.add_argument("--post-only", action="store_true",
                     help="only the main process's per-batch cast + copy (no model, no images)")
     args = ap.parse_args()
+    if args.main_threads:
+        torch.set_num_threads(args.main_threads)
     dev = resolve_device(args.device)
     prec = resolve_precision(args.precision, dev)
     batch = args.batch_size or (256 if dev.type == "cuda" else 32)
@@ -299,7 +306,8 @@ def main() -> None:
           f"batch={batch} n={args.n} workers={workers} decode={','.join(modes)} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
     res: dict = {"backbone": args.backbone, "device": name, "precision": prec, "batch": batch,
-                 "n": args.n, "workers": workers, "decode": {}}
+                 "n": args.n, "workers": workers, "decode": {},
+                 "main_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         csv = make_jpegs(Path(tmp), args.n, args.jobs, args.unique)

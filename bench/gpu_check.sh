@@ -5,24 +5,29 @@
 #
 # Runs, each step under its own time limit, printing as it goes (logs and JSON in $OUT):
 #   1. env          python, torch, torchvision, the GPU
-#   2. speed        bench/extract_speed.py: VGG16 (random init), batch 256, bf16, channels-last,
-#                   N=4000 JPEGs (500x375) made in a temp dir by a process pool; model-only vs
-#                   end-to-end extract and steady stream for --decode gpu and cpu, with the
-#                   per-stage breakdown (decode, host-to-device, forward, cast+copy back, write)
+#   2. speed        bench/extract_speed.py: VGG16 (random init), batch 256, --precision auto
+#                   (fp16 on CUDA), channels-last, N=16000 JPEGs (500x375; 4000 distinct files
+#                   made in a temp dir by a process pool, the rest hard links: the sustained
+#                   regime where 2026-11-26 fell to 0.3-0.4); model-only vs end-to-end extract
+#                   and steady stream for --decode gpu and cpu, with the per-stage breakdown
+#                   (decode, host-to-device, forward, cast+copy back, write)
+#   2b. speed_threads  the same, --decode cpu, one round, the main process at
+#                   GPU_CHECK_MAIN_THREADS torch threads (2)
 #   3. decode_check bench/decode_check.py: tensor decode on the GPU (nvjpeg) vs PIL, and bf16 vs
 #                   fp32 features (MobileNetV2 with its real ImageNet weights when the file is
 #                   found, VGG16 random init)
 #   4. summary      one compact table of the figures
-# Fits in about 3-4 minutes on a 16-core H100 box (torch already installed).
+# Fits in about 4-5 minutes on a 16-core H100 box (torch already installed).
 #
 # Knobs (environment): PYTHON (python3), OUT (a temp dir), GPU_CHECK_DEVICE (cuda),
-# GPU_CHECK_N (4000), GPU_CHECK_BATCH (256), GPU_CHECK_BACKBONE (vgg16), GPU_CHECK_SECONDS (8,
+# GPU_CHECK_N (16000), GPU_CHECK_UNIQUE (4000), GPU_CHECK_PRECISION (auto),
+# GPU_CHECK_MAIN_THREADS (2), GPU_CHECK_BATCH (256), GPU_CHECK_BACKBONE (vgg16), GPU_CHECK_SECONDS (8,
 # model-only timing), GPU_CHECK_CHECK_N (256 JPEGs for decode_check), GPU_CHECK_IMAGE_SIZE
 # (crop; default the weights' 224), GPU_CHECK_BUDGET (420 s: later steps are skipped past it),
 # MBV2_WEIGHTS (mobilenet_v2-b0353104.pth; default: found under .venv/ if carried there),
 # PHOTOS (a folder of foolbox imagenet_*.jpg; default: found under .venv/ if carried there).
 # A tiny CPU dry run of the same logic:
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_N=48 GPU_CHECK_BATCH=8 GPU_CHECK_BACKBONE=resnet18 \
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_N=48 GPU_CHECK_UNIQUE=16 GPU_CHECK_BATCH=8 GPU_CHECK_BACKBONE=resnet18 \
 #   GPU_CHECK_SECONDS=2 GPU_CHECK_CHECK_N=8 GPU_CHECK_IMAGE_SIZE=64 PYTHON=.venv/bin/python \
 #   bash bench/gpu_check.sh
 set -u
@@ -32,7 +37,10 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-N=${GPU_CHECK_N:-4000}
+N=${GPU_CHECK_N:-16000}
+UNIQUE=${GPU_CHECK_UNIQUE:-4000}
+PRECISION=${GPU_CHECK_PRECISION:-auto}
+MAIN_THREADS=${GPU_CHECK_MAIN_THREADS:-2}
 BATCH=${GPU_CHECK_BATCH:-256}
 BACKBONE=${GPU_CHECK_BACKBONE:-vgg16}
 MO_SECONDS=${GPU_CHECK_SECONDS:-8}
@@ -74,9 +82,15 @@ if command -v nvidia-smi >/dev/null; then
     2>&1 | tee "$OUT/nvidia-smi.log"
 fi
 
-step speed 300 "$PY" bench/extract_speed.py --backbone "$BACKBONE" --n "$N" --device "$DEVICE" \
-  --precision bf16 --batch-size "$BATCH" --decode gpu,cpu --seconds "$MO_SECONDS" \
-  "${SIZE_ARGS[@]}" --summary "$OUT/speed.json"
+step speed 240 "$PY" bench/extract_speed.py --backbone "$BACKBONE" --n "$N" --device "$DEVICE" \
+  --precision "$PRECISION" --batch-size "$BATCH" --decode gpu,cpu --seconds "$MO_SECONDS" \
+  --unique "$UNIQUE" "${SIZE_ARGS[@]}" --summary "$OUT/speed.json"
+
+# suspect (1) of 2026-11-26: the main process's default intra-op threads beside the workers
+step speed_threads 90 "$PY" bench/extract_speed.py --backbone "$BACKBONE" --n "$N" \
+  --device "$DEVICE" --precision "$PRECISION" --batch-size "$BATCH" --decode cpu --rounds 1 \
+  --seconds "$MO_SECONDS" --unique "$UNIQUE" --no-stages --main-threads "$MAIN_THREADS" \
+  "${SIZE_ARGS[@]}" --summary "$OUT/speed_threads.json"
 
 CHECK_ARGS=(--device "$DEVICE" --n "$CHECK_N" --backbones "mobilenet_v2,$BACKBONE"
             --summary "$OUT/check.json" "${SIZE_ARGS[@]}")
@@ -143,6 +157,12 @@ if s:
         print(f"| {name} | " + " | ".join(fmt(v) for v in vals) + " |")
 else:
     print("no speed figures (see speed.log)")
+t = load("speed_threads.json")
+if t:
+    r = t["decode"]["cpu"]
+    print(f"\nmain process at {t.get('main_threads')} torch threads, decode=cpu: end-to-end "
+          f"{r['e2e']:,.0f} img/s ({r['ratio']:.2f} of model-only {t['model_only']:,.0f}), "
+          f"steady stream {r['stream']:,.0f} ({r['stream_ratio']:.2f})")
 if c:
     print(f"\ntensor decode vs PIL on {c['device']} ({c['n']}+ JPEGs): normalised pixel max abs "
           f"{c['pixel_max_abs']:.4f} (~{c['levels_max']:.1f} levels), mean {c['pixel_mean_abs']:.5f}, "
