@@ -4,7 +4,8 @@
     python3 bench/extract_speed.py --backbone vgg16 --n 4000 --device cuda --decode gpu,cpu
 
 (a) model-only: the same backbone, batch size, precision and memory format on tensors already
-    on the device; (b) end-to-end: `featprobe.extract` over real JPEG files (500×375, quality
+    on the device; (b) end-to-end: `featprobe.extract`, loading the same (random-init) weights
+    from a file as a user's pretrained weights are loaded, over real JPEG files (500×375, quality
     90, made here in a temp dir by a process pool) into a fresh cache, once per `--decode` path
     (`cpu`: PIL in DataLoader workers; `gpu`: bytes from the workers, JPEGs decoded on the
     device; on a CPU device `gpu` runs the same tensor path on CPU). Also the steady streaming
@@ -119,8 +120,10 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _extractor(backbone, layers, dev):
+def _extractor(backbone, layers, dev, save_to: Path | None = None):
     model = backbones.build_model(backbone, backbones.resolve_weights(backbone, "none"))
+    if save_to is not None:  # the same weights as a file: extract loads them as users' do
+        torch.save(model.state_dict(), save_to)
     ext = backbones.FeatureExtractor(model, backbones.layer_sources(backbone, model, layers))
     return ext.to(dev).to(memory_format=torch.channels_last)
 
@@ -313,7 +316,8 @@ def main() -> None:
         csv = make_jpegs(Path(tmp), args.n, args.jobs, args.unique)
         print(f"made {args.n} JPEGs in {time.perf_counter() - t:.1f} s", flush=True)
         ds = load_dataset(csv)
-        ext = _extractor(args.backbone, layers, dev)
+        weights = Path(tmp) / f"{args.backbone}-random.pth"
+        ext = _extractor(args.backbone, layers, dev, save_to=weights)
         dims = _dims(ext, size, dev) if not args.no_stages else {}
         mos = [model_only(ext, layers, dev, prec, batch, size, args.seconds / args.rounds)]
         print(f"model-only:                   {mos[0]:8.1f} img/s", flush=True)
@@ -335,7 +339,7 @@ def main() -> None:
                     if name == "fixed" and k:
                         continue
                     t = time.perf_counter()
-                    extract(data, backbone=args.backbone, weights="none", layers=layers,
+                    extract(data, backbone=args.backbone, weights=str(weights), layers=layers,
                             cache_dir=Path(tmp) / f"cache-{mode}-{k}", device=str(dev),
                             precision=prec, batch_size=batch, workers=workers,
                             image_size=args.image_size, progress=False, decode=mode)

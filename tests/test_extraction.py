@@ -432,3 +432,30 @@ def test_verify_catches_edited_rows(tmp_path, edit):
                              dtype=h5py.string_dtype())
     with pytest.raises(FeatprobeError, match="ids/labels/valid/classes do not match"):
         featprobe.cache.verify(cache.path)
+
+
+def test_loaded_weights_are_built_on_meta_and_assigned(tmp_path, monkeypatch):
+    """A weights file is loaded into a model built on the meta device: the parameters are the
+    file's (bit for bit, float16 files converted to the model's float32), nothing is left on
+    meta, and the fallback (ordinary build + copy) gives the same model."""
+    source = backbones.build_model("resnet18", resolve_weights("resnet18", "none"))
+    with torch.no_grad():
+        source.fc.weight.mul_(3.0)
+    state = source.state_dict()
+    torch.save(state, tmp_path / "w.pth")
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+               tmp_path / "w16.pth")
+    choice = resolve_weights("resnet18", str(tmp_path / "w.pth"))
+    model = backbones.build_model("resnet18", choice)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert not any(t.is_meta for t in tensors.values())
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    half = backbones.build_model("resnet18", resolve_weights("resnet18", str(tmp_path / "w16.pth")))
+    assert half.fc.weight.dtype == torch.float32
+    assert torch.equal(half.fc.weight, state["fc.weight"].half().float())
+    monkeypatch.setattr(backbones, "_weights_on_meta", lambda *a: None)  # force the fallback
+    fallback = backbones.build_model("resnet18", choice)
+    for k, v in state.items():
+        assert torch.equal(fallback.state_dict()[k], v), k
