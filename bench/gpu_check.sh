@@ -10,7 +10,7 @@
 #                   made in a temp dir by a process pool, the rest hard links: the sustained
 #                   regime where 2026-11-26 fell to 0.3-0.4); model-only vs end-to-end extract
 #                   and steady stream for --decode gpu and cpu, with the per-stage breakdown
-#                   (decode, host-to-device, forward, cast+copy back, write)
+#                   (decode, host-to-device, forward, cast+copy back, write); 2 rounds each
 #   2b. speed_threads  the same, --decode cpu, one round, the main process at
 #                   GPU_CHECK_MAIN_THREADS torch threads (2)
 #   3. decode_check bench/decode_check.py: tensor decode on the GPU (nvjpeg) vs PIL, and bf16 vs
@@ -21,15 +21,16 @@
 #
 # Knobs (environment): PYTHON (python3), OUT (a temp dir), GPU_CHECK_DEVICE (cuda),
 # GPU_CHECK_N (16000), GPU_CHECK_UNIQUE (4000), GPU_CHECK_PRECISION (auto),
-# GPU_CHECK_MAIN_THREADS (2), GPU_CHECK_BATCH (256), GPU_CHECK_BACKBONE (vgg16), GPU_CHECK_SECONDS (8,
-# model-only timing), GPU_CHECK_CHECK_N (256 JPEGs for decode_check), GPU_CHECK_IMAGE_SIZE
-# (crop; default the weights' 224), GPU_CHECK_BUDGET (420 s: later steps are skipped past it),
+# GPU_CHECK_MAIN_THREADS (2), GPU_CHECK_BATCH (256), GPU_CHECK_BACKBONE (vgg16),
+# GPU_CHECK_SECONDS (8, model-only timing), GPU_CHECK_CHECK_N (256 JPEGs for decode_check),
+# GPU_CHECK_IMAGE_SIZE (crop; default the weights' 224), GPU_CHECK_BUDGET (420 s: later steps
+# are skipped past it),
 # MBV2_WEIGHTS (mobilenet_v2-b0353104.pth; default: found under .venv/ if carried there),
 # PHOTOS (a folder of foolbox imagenet_*.jpg; default: found under .venv/ if carried there).
 # A tiny CPU dry run of the same logic:
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_N=48 GPU_CHECK_UNIQUE=16 GPU_CHECK_BATCH=8 GPU_CHECK_BACKBONE=resnet18 \
-#   GPU_CHECK_SECONDS=2 GPU_CHECK_CHECK_N=8 GPU_CHECK_IMAGE_SIZE=64 PYTHON=.venv/bin/python \
-#   bash bench/gpu_check.sh
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_N=48 GPU_CHECK_UNIQUE=16 GPU_CHECK_BATCH=8 \
+#   GPU_CHECK_BACKBONE=resnet18 GPU_CHECK_SECONDS=2 GPU_CHECK_CHECK_N=8 GPU_CHECK_IMAGE_SIZE=64 \
+#   PYTHON=.venv/bin/python bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}." PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -84,7 +85,7 @@ fi
 
 step speed 240 "$PY" bench/extract_speed.py --backbone "$BACKBONE" --n "$N" --device "$DEVICE" \
   --precision "$PRECISION" --batch-size "$BATCH" --decode gpu,cpu --seconds "$MO_SECONDS" \
-  --unique "$UNIQUE" "${SIZE_ARGS[@]}" --summary "$OUT/speed.json"
+  --rounds 2 --unique "$UNIQUE" "${SIZE_ARGS[@]}" --summary "$OUT/speed.json"
 
 # suspect (1) of 2026-11-26: the main process's default intra-op threads beside the workers
 step speed_threads 90 "$PY" bench/extract_speed.py --backbone "$BACKBONE" --n "$N" \
