@@ -80,14 +80,15 @@ def big(cache, size, heads, max_memory, epochs, tmp) -> None:
                   flush=True)
 
 
-def _alternating(cache, tmp, rounds: int) -> tuple[float, float]:
+def _alternating(cache, tmp, rounds: int) -> tuple[float, float, float]:
     """Best-of-``rounds`` seconds of one linear fit and of the sweep, run turn about so that
-    the machine's drift hits both alike."""
+    the machine's drift hits both alike, and the sweep's val accuracy."""
     one = swept = float("inf")
     for _ in range(rounds):
         one = min(one, fit(cache, head="linear", runs_dir=tmp)["fit_seconds"])
-        swept = min(swept, fit(cache, head="linear", sweep=True, runs_dir=tmp)["fit_seconds"])
-    return one, swept
+        rec = fit(cache, head="linear", sweep=True, runs_dir=tmp)
+        swept = min(swept, rec["fit_seconds"])
+    return one, swept, rec["val"]["accuracy"]
 
 
 def main() -> None:
@@ -111,16 +112,15 @@ def main() -> None:
                 continue
             s = split(cache.ids, cache.labels)
             X, y = cache.features(), cache.labels
-            one_linear, ratios = None, {}
-            for head in [*args.heads, "linear --sweep"]:
-                name, sweep = head.split()[0], head.endswith("--sweep")
+            ratios = {}
+            for name in args.heads:
                 if name == "mlp" and d > 8192 and len(args.heads) > 1:
                     # 4096 hidden units on 25,088 inputs: ~25 TFLOP for 30 epochs, minutes here
-                    print(f"{size:>12} {head:>14}  skipped (use --sizes {size} --heads mlp)")
+                    print(f"{size:>12} {name:>14}  skipped (use --sizes {size} --heads mlp)")
                     continue
                 best, acc = float("inf"), None
                 for _ in range(args.repeat if name != "mlp" else 1):
-                    rec = fit(cache, head=name, sweep=sweep, runs_dir=tmp)
+                    rec = fit(cache, head=name, runs_dir=tmp)
                     best, acc = min(best, rec["fit_seconds"]), rec["val"]["accuracy"]
                 direct = ""
                 if name in ("logreg", "svm"):
@@ -133,13 +133,11 @@ def main() -> None:
                         times.append(time.perf_counter() - t)
                     direct = f"{min(times):.2f}"
                     ratios[name] = best / min(times)
-                if head == "linear":
-                    one_linear = best
-                print(f"{size:>12} {head:>14} {best:>8.2f} {direct:>9} {100 * acc:>7.1f}%")
-            if one_linear:
-                one, swept = _alternating(cache, tmp, args.repeat)
-                print(f"{size:>12} sweep/one-linear: {swept / one:.2f} (alternating, best of "
-                      f"{args.repeat}: one {one:.2f} s, sweep {swept:.2f} s)")
+                print(f"{size:>12} {name:>14} {best:>8.2f} {direct:>9} {100 * acc:>7.1f}%")
+            one, swept, acc = _alternating(cache, tmp, args.repeat)
+            print(f"{size:>12} {'linear --sweep':>14} {swept:>8.2f} {'':>9} {100 * acc:>7.1f}%")
+            print(f"{size:>12} sweep/one-linear: {swept / one:.2f} (alternating, best of "
+                  f"{args.repeat}: one {one:.2f} s, sweep {swept:.2f} s)")
             for name, r in ratios.items():
                 print(f"{size:>12} {name} featprobe/direct: {r:.2f}")
 

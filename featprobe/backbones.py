@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.error
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -299,8 +300,6 @@ def _weights_on_meta(backbone: str, enum, state_fn) -> nn.Module | None:
     constructor arguments apply; torchvision's load into meta tensors is a no-op), then
     ``state_fn()``'s tensors assigned, converted to the dtypes the model declares. None where
     something the state dict does not hold is left on meta."""
-    import warnings
-
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
         model = torchvision.models.get_model(backbone, weights=enum)
