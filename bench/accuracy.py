@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featprobe import demo  # noqa: E402
 from featprobe.cnn_baseline import baseline  # noqa: E402
-from featprobe.comparison import compare, format_table  # noqa: E402
 from featprobe.extraction import extract  # noqa: E402
-from featprobe.fitting import fit  # noqa: E402
+from featprobe.probe.fit import fit  # noqa: E402
 from featprobe.runs import read_runs  # noqa: E402
+from featprobe.runs.compare import compare, format_table  # noqa: E402
 
 
 def main() -> None:

@@ -2,16 +2,16 @@
 
     python3 bench/decode_check.py --device cuda --n 256 --weights path/to/mobilenet_v2-b0353104.pth
 
-Makes ``--n`` photo-like JPEGs in memory (mixed sizes, baseline and progressive, 4:2:0 and
-4:4:4), preprocesses them through the PIL path (`load_rgb` + the weights' transform, on CPU) and
-through the tensor path (`featprobe.decoding.decode_batch` on ``--device``: nvjpeg on CUDA), and
+Makes ``--n`` photo-like JPEGs in memory (mixed sizes, baseline and progressive, 4:2:0 and 4:4:4),
+preprocesses them through the PIL path (`load_rgb` + the weights' transform, on CPU) and through the
+tensor path (`featprobe.extraction.gpu_decode.decode_batch` on ``--device``: nvjpeg on CUDA), and
 prints the normalised-pixel max/mean abs difference, the per-image relative error of the features
-(``|f_tensor - f_pil| / |f_pil|``, fp32), and top-1 agreement of the model's own classifier.
-Then the same images in bf16 autocast vs fp32 (PIL inputs): relative error and top-1 agreement.
-``--photos DIR`` adds real JPEGs (e.g. foolbox's ``imagenet_*.jpg``; with ImageNet weights the
-label in the name is checked too). ``--backbones`` lists the models: MobileNetV2 uses
-``--weights`` (a state-dict path, e.g. torchvision's ImageNet file; random init without it), the
-others random init. ``--summary FILE`` writes the figures as JSON.
+(``|f_tensor - f_pil| / |f_pil|``, fp32), and top-1 agreement of the model's own classifier. Then
+the same images in bf16 autocast vs fp32 (PIL inputs): relative error and top-1 agreement.
+``--photos DIR`` adds real JPEGs (e.g. foolbox's ``imagenet_*.jpg``; with ImageNet weights the label
+in the name is checked too). ``--backbones`` lists the models: MobileNetV2 uses ``--weights`` (a
+state-dict path, e.g. torchvision's ImageNet file; random init without it), the others random init.
+``--summary FILE`` writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featprobe import backbones  # noqa: E402
-from featprobe.decoding import decode_batch, sniff  # noqa: E402
-from featprobe.images import load_rgb  # noqa: E402
-from featprobe.stream import resolve_device  # noqa: E402
+from featprobe.extraction import backbones  # noqa: E402
+from featprobe.extraction.gpu_decode import decode_batch, sniff  # noqa: E402
+from featprobe.extraction.images import load_rgb  # noqa: E402
+from featprobe.policy import resolve_device  # noqa: E402
 
 SIZES = [(500, 375), (375, 500), (640, 480), (320, 240), (512, 512), (800, 533)]
 

@@ -49,11 +49,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featprobe import backbones, decoding, pixels  # noqa: E402
 from featprobe.cache import PartialCache  # noqa: E402
 from featprobe.data import load_dataset  # noqa: E402
-from featprobe.extraction import extract  # noqa: E402
-from featprobe.stream import (  # noqa: E402
+from featprobe.extraction import (  # noqa: E402
+    backbones,
+    extract,  # noqa: E402
+    pixels,
+)
+from featprobe.extraction import gpu_decode as decoding
+from featprobe.extraction.stream import (  # noqa: E402
     _AUTOCAST,
     StorageCast,
     _PartWriter,

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import peak_rss_child  # noqa: E402
 
 from featprobe.cache import write_arrays  # noqa: E402
-from featprobe.fitting import fit  # noqa: E402
+from featprobe.probe.fit import fit  # noqa: E402
 from featprobe.splits import split  # noqa: E402
 
 

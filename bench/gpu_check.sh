@@ -76,7 +76,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision
       torchvision.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0))
-import featprobe.decoding, featprobe.extraction  # noqa: F401 (the package imports here)
+import featprobe.extraction.gpu_decode, featprobe.extraction  # noqa: F401 (the package imports here)
 print("featprobe imports ok")'
 if command -v nvidia-smi >/dev/null; then
   timeout 15 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv \

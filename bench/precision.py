@@ -9,7 +9,7 @@ error, then prints (1) each precision's relative error against fp32: ‖X − X�
 the whole matrix, the median per-image relative error and the worst per-image cosine
 similarity; (2) val accuracy of `logreg` and `linear` (standardised) fitted on each, over the
 same seeded stratified splits, with the mean paired difference to fp32 in points. This is the
-check that lets `--precision auto` pick bf16 (see featprobe.stream.resolve_precision).
+check that lets `--precision auto` pick bf16 (see featprobe.extraction.stream.resolve_precision).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featprobe import demo  # noqa: E402
 from featprobe.extraction import extract  # noqa: E402
-from featprobe.fitting import fit  # noqa: E402
+from featprobe.probe.fit import fit  # noqa: E402
 
 HEADS = ("logreg", "linear")
 

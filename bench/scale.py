@@ -76,7 +76,7 @@ def synthetic_cache(directory: Path, rows: int, dim: int, n_classes: int = 10,
 
 _CHILD = r"""
 import json, resource, sys, time
-import featprobe.fitting, featprobe.outofcore, torch, sklearn, h5py  # noqa: F401
+import featprobe.probe.fit, featprobe.probe.outofcore, torch, sklearn, h5py  # noqa: F401
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -86,14 +86,14 @@ def status(key):
 base = status("VmRSS")
 args = json.loads(sys.argv[1])
 t = time.perf_counter()
-rec = featprobe.fitting.fit(args.pop("cache"), **args)
+rec = featprobe.probe.fit.fit(args.pop("cache"), **args)
 print(json.dumps({"record": rec, "wall_s": time.perf_counter() - t, "baseline_rss": base,
                   "peak_rss": status("VmHWM")}))
 """
 
 
 def peak_rss_child(**fit_args) -> dict:
-    """Run ``featprobe.fitting.fit(**fit_args)`` in a fresh process; its record and peak RSS."""
+    """Run ``featprobe.probe.fit.fit(**fit_args)`` in a fresh process; its record and peak RSS."""
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(fit_args)], cwd=ROOT,
                          stdout=subprocess.PIPE, text=True)
     if out.returncode:
@@ -109,7 +109,7 @@ def _mib(n: float) -> str:
 
 
 def cmd_fit(args) -> None:
-    from featprobe.outofcore import parse_size
+    from featprobe.probe.outofcore import parse_size
 
     tmp = None
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fp-scale-",

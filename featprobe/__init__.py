@@ -16,15 +16,15 @@ from featprobe.errors import FeatprobeError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract": ("featprobe.extraction", "extract"),
+    "extract": ("featprobe.extraction.run", "extract"),
     "FeatureCache": ("featprobe.cache", "FeatureCache"),
     "load_dataset": ("featprobe.data", "load_dataset"),
     "split": ("featprobe.splits", "split"),
-    "fit": ("featprobe.fitting", "fit"),
+    "fit": ("featprobe.probe.fit", "fit"),
     "baseline": ("featprobe.cnn_baseline", "baseline"),
-    "compare": ("featprobe.comparison", "compare"),
+    "compare": ("featprobe.runs.compare", "compare"),
     "predict": ("featprobe.prediction", "predict"),
-    "heads": ("featprobe.heads", None),
+    "heads": ("featprobe.probe", None),
 }
 
 __all__ = ["FeatprobeError", "__version__", *_LAZY]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sys
 
 import click
@@ -62,9 +63,33 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+class _Stderr(logging.StreamHandler):
+    """featprobe's messages on whatever ``sys.stderr`` is when they are emitted (progress bars
+    share it; stdout is for results)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    logger = logging.getLogger("featprobe")
+    for h in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+        logger.removeHandler(h)
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featprobe")
-def main():
+@click.option("-v", "--verbose", count=True, help="More messages on stderr (debug detail).")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Only warnings and errors on stderr, no progress bars.")
+@click.pass_context
+def main(ctx, verbose, quiet):
     """Extract frozen-backbone features once; fit and compare heads on them many times.
 
     \b
@@ -72,7 +97,17 @@ def main():
     featprobe fit cache/vgg16-<key>.h5 --head logreg        # seconds, recorded in runs.jsonl
     featprobe baseline data/train.csv                        # the end-to-end CNN benchmark
     featprobe compare                                        # one table of every run
+
+    Results go to stdout; progress bars, notes and warnings to stderr (-q: warnings only).
     """
+    _configure_logging(verbose, quiet)
+    ctx.obj = {"quiet": quiet}
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars unless the command's or the group's ``-q`` says otherwise."""
+    obj = click.get_current_context().find_root().obj or {}
+    return not (quiet or obj.get("quiet"))
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -138,12 +173,12 @@ def extract(data, images, image_col, label_col, backbone, weights, layers, cache
     """
     import os
 
-    from featprobe.extraction import extract as run
+    from featprobe.extraction.run import extract as run
 
     cache = run(data, images=images, backbone=backbone, weights=weights, layers=_csv_list(layers),
                 cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers,
                 on_error=on_error, dtype=dtype, precision=precision, image_size=image_size,
-                image_col=image_col, label_col=label_col, progress=not quiet, shard=shard,
+                image_col=image_col, label_col=label_col, progress=_progress(quiet), shard=shard,
                 decode=decode)
     if cache is None or os.environ.get("RANK", "0") != "0":
         return  # a shard whose siblings are still running, or a torchrun rank other than 0
@@ -234,7 +269,7 @@ def list_(cache_dir):
 @main.command()
 def backbones():
     """List registered backbones and their layers (any torchvision model name works too)."""
-    from featprobe.backbones import classification_models, describe
+    from featprobe.extraction.backbones import classification_models, describe
 
     for b in describe():
         layers = ", ".join(f"{k} ({v})" for k, v in b["layers"].items())
@@ -292,7 +327,7 @@ def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batc
     Reads only the cache: no images, no backbone. Prints train/val accuracy, balanced
     accuracy, macro F1 and the fit time; appends the run to runs.jsonl for `featprobe compare`.
     """
-    from featprobe.fitting import fit as run
+    from featprobe.probe.fit import fit as run
 
     extra = _parse_params(params)
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
@@ -301,9 +336,9 @@ def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batc
             extra[name] = value
     rec = run(cache, head=head, layer=layer, seed=seed, val_fraction=val_fraction,
               standardize=standardize, sweep=sweep, save=save, runs_dir=runs_dir,
-              max_memory=max_memory, progress=True, **extra)
+              max_memory=max_memory, progress=_progress(False), **extra)
     if rec.get("out_of_core"):
-        from featprobe.outofcore import describe
+        from featprobe.probe.outofcore import describe
 
         click.echo(describe(rec["out_of_core"]), err=True)
     tr, va = rec["train"], rec["val"]
@@ -327,7 +362,7 @@ def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batc
 @main.command()
 def heads():
     """List the registered heads and their default parameters."""
-    from featprobe.heads import HEADS
+    from featprobe.probe.registry import HEADS
 
     for spec in HEADS.values():
         click.echo(f"{spec.name:8} {spec.description}")
@@ -361,7 +396,7 @@ def baseline(data, images, image_col, label_col, image_size, epochs, batch_size,
     rec = run(data, images=images, image_col=image_col, label_col=label_col,
               image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
               val_fraction=val_fraction, cache_dir=cache_dir, device=device, workers=workers,
-              progress=not quiet)
+              progress=_progress(quiet))
     tr, va = rec["train"], rec["val"]
     click.echo(f"cnn baseline  split {rec['split_hash']} train {rec['n_train']} "
                f"val {rec['n_val']}")
@@ -383,8 +418,8 @@ def compare(cache_dir, fmt, plot_path):
     shown as mean ± std. CACHE_DIR defaults to $FEATPROBE_CACHE or ./cache.
     """
     from featprobe.cache import default_cache_dir
-    from featprobe.comparison import compare as table
-    from featprobe.comparison import format_table, plot
+    from featprobe.runs.compare import compare as table
+    from featprobe.runs.compare import format_table, plot
 
     df = table(cache_dir if cache_dir is not None else default_cache_dir())
     if df.empty:
@@ -418,7 +453,7 @@ def predict(head_file, data, images, image_col, label_col, out, device, batch_si
 
     df, acc = run(head_file, data, images=images, image_col=image_col, label_col=label_col,
                   out=out, device=device, batch_size=batch_size, workers=workers,
-                  progress=not quiet)
+                  progress=_progress(quiet))
     if "error" in df:
         n_bad = int((df["error"] != "").sum())
         click.echo(f"{n_bad} image(s) could not be read (see the error column)", err=True)
@@ -445,7 +480,7 @@ def weights_add(file, backbone):
     prefix in the name is checked against the file's SHA-256 before it is copied into
     $TORCH_HOME/hub/checkpoints/.
     """
-    from featprobe.weights import add_checkpoint
+    from featprobe.extraction.weights import add_checkpoint
 
     click.echo(str(add_checkpoint(file, backbone)))
 

@@ -12,41 +12,45 @@ Each image is decoded once per run (DataLoader workers, PIL) into an in-memory u
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from featprobe.cache import default_cache_dir
 from featprobe.data import Dataset, load_dataset
 from featprobe.errors import FeatprobeError
-from featprobe.images import ImageRows
-from featprobe.runs import append_run, compute_metrics, majority_rate, make_record
+from featprobe.extraction.images import ImageRows
+from featprobe.extraction.pixels import normalize, pixel_transform, squash
+from featprobe.policy import cpu_count, resolve_device
+from featprobe.runs.records import append_run, compute_metrics, majority_rate, make_record
 from featprobe.splits import split
-from featprobe.stream import resolve_device
 
-__all__ = ["BASELINE_DEFAULTS", "CHANNELS", "SmallCNN", "architecture", "baseline"]
+__all__ = ["BASELINE_DEFAULTS", "CHANNELS", "BaselineSettings", "SmallCNN", "architecture",
+           "baseline"]
 
-# What `baseline()` uses when an argument is left out (the CLI shows these).
-BASELINE_DEFAULTS = {
-    "image_size": 224,
-    "epochs": 15,
-    "batch_size": 128,
-    "lr": 1e-3,
-    "seed": 0,
-    "val_fraction": 0.1,
-    "device": "auto",
-    "workers": None,
-}
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """How the CNN is trained; the defaults are what ``baseline()`` and the CLI use."""
+
+    image_size: int = 224
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    val_fraction: float = 0.1
+    device: str = "auto"
+    workers: int | None = None
+
+
+BASELINE_DEFAULTS = asdict(BaselineSettings())
 CHANNELS = (25, 50)  # output channels of the two conv blocks
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _SHOW = 5  # unreadable files named in an error message
 
 
@@ -86,20 +90,10 @@ def architecture(n_classes: int, image_size: int, channels: tuple[int, int] = CH
     )
 
 
-def _pixels(ds: Dataset, image_size: int) -> ImageRows:
-    """Rows as ``(index, uint8 tensor 3 x S x S, reason)``; a bad file gives zeros and a reason."""
-    transform = v2.Compose([
-        v2.Resize((image_size, image_size), antialias=True),  # bilinear, on the PIL image
-        v2.PILToTensor(),
-    ])
-    return ImageRows(ds, transform, image_size, fill_dtype=torch.uint8)
-
-
 def _workers(workers: int | None) -> int:
     if workers is not None:
         return max(0, int(workers))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(16, cpus or 1)  # nothing else runs while decoding: use every core
+    return min(16, cpu_count() or 1)  # nothing else runs while decoding: use every core
 
 
 def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -> torch.Tensor:
@@ -108,8 +102,9 @@ def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -
     Raises FeatprobeError naming the unreadable files: the baseline has no skip mode.
     """
     n_workers = _workers(workers)
+    rows = ImageRows(ds, pixel_transform(squash(image_size)), image_size, fill_dtype=torch.uint8)
     loader = torch.utils.data.DataLoader(
-        _pixels(ds, image_size), batch_size=32, shuffle=False, num_workers=n_workers,
+        rows, batch_size=32, shuffle=False, num_workers=n_workers,
         prefetch_factor=4 if n_workers else None,
         generator=torch.Generator().manual_seed(0),  # else it draws worker seeds from torch's RNG
     )
@@ -132,10 +127,8 @@ def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> [0, 1] floats -> ImageNet mean/std, channels-last (as the model)."""
-    x = v2.functional.to_dtype(x, torch.float32, scale=True)
-    x = v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-    return x.contiguous(memory_format=torch.channels_last)
+    """uint8 pixels -> ImageNet mean/std, channels-last (as the model)."""
+    return normalize(x, squash(x.shape[-1])).contiguous(memory_format=torch.channels_last)
 
 
 def _train(model: nn.Module, pixels: torch.Tensor, y: torch.Tensor, rows: np.ndarray,

@@ -80,7 +80,7 @@ def prepare_data(out: Path, n: int | None = None, seed: int = 0) -> Path:
 
 
 def ensure_weights() -> Path:
-    from featprobe.weights import add_checkpoint, packaged_mobilenet_v2
+    from featprobe.extraction.weights import add_checkpoint, packaged_mobilenet_v2
 
     src = packaged_mobilenet_v2()
     if src is None:
@@ -99,10 +99,10 @@ def run(out: Path = Path("demo"), n: int | None = None, seed: int = 0,
         baseline_params: dict | None = None, progress: bool = True) -> dict:
     """The whole demo; returns timings. Idempotent: recorded runs are not repeated."""
     from featprobe.cnn_baseline import baseline
-    from featprobe.comparison import compare, format_table, plot
     from featprobe.extraction import extract
-    from featprobe.fitting import fit
-    from featprobe.runs import read_runs
+    from featprobe.probe.fit import fit
+    from featprobe.runs.compare import compare, format_table, plot
+    from featprobe.runs.records import read_runs
 
     times = {}
     t_all = time.perf_counter()

@@ -1,33 +1,19 @@
-"""Fault injection for the reliability tests: SIGKILL this process at a named point.
+"""The product's one fault hook: ``crash_point(name)`` SIGKILLs this process at a named moment
+of a write when the reliability tests ask for it, and otherwise does nothing (one comparison).
 
-The writing code calls ``crash_point("part.renamed")`` and the like at the moments where a
-kill is most interesting (see docs/reliability.md for the list). Normally that does nothing:
-the environment is read once, at import, and an unarmed ``crash_point`` is one comparison.
-
-``FEATPROBE_CRASH_AT=NAME[:COUNT]`` arms it: the COUNT-th time (default 1) this process reaches
-point NAME, it sends itself SIGKILL — no cleanup handlers, no buffers flushed, exactly like
-``kill -9`` or the OOM killer at that instant.
-
-``python -m featprobe.faults`` is a small fork server for test harnesses: it imports torch once,
-then for each JSON job read from stdin (``{"argv": [...], "crash_at": "NAME:COUNT" | null,
-"kill_after": SECONDS | null, "log": PATH}``) forks a child that runs ``featprobe <argv>`` with
-the fault armed (or is SIGKILLed from outside after ``kill_after`` seconds), and answers one
-JSON line ``{"status": EXIT_CODE or -SIGNAL, "seconds": ...}``. Optional job keys simulate a
-full disk (``"fsize": BYTES``: ``RLIMIT_FSIZE`` with SIGXFSZ ignored, so a write past it fails
-with EFBIG) and an unprivileged user (``"uid": N``, for read-only tests when run as root).
-Forking from a process that has imported torch but run nothing saves the ~5 s torch import
-per run.
+``FEATPROBE_CRASH_AT=NAME[:COUNT]`` arms it at import: the COUNT-th time (default 1) the process
+reaches point NAME it sends itself SIGKILL, exactly like ``kill -9`` at that instant.
+``FEATPROBE_CRASH_RANK=R`` limits that to torchrun rank R. The points are listed in
+docs/reliability.md; the machinery that drives them (a fork server, disk limits, user switching)
+lives in tests/forkserver.py, not here.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 
 ENV = "FEATPROBE_CRASH_AT"
-
-_lock = threading.Lock()
 _target: tuple[str, int] | None = None
 _seen = 0
 
@@ -36,104 +22,18 @@ def arm(spec: str | None) -> None:
     """Arm (``"NAME"`` or ``"NAME:COUNT"``) or disarm (None or "") the crash point."""
     global _target, _seen
     _seen = 0
-    if not spec:
-        _target = None
-        return
-    name, _, count = spec.partition(":")
-    _target = (name, int(count) if count else 1)
+    name, _, count = (spec or "").partition(":")
+    _target = (name, int(count) if count else 1) if name else None
 
 
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``name`` is the armed point and this is its COUNT-th visit."""
-    if _target is None or _target[0] != name:
-        return
     global _seen
-    with _lock:
-        _seen += 1
+    if _target is not None and _target[0] == name:
+        _seen += 1  # visits from several threads may race; the tests arm points of one thread
         if _seen == _target[1]:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-# FEATPROBE_CRASH_RANK=R arms the point in torchrun rank R only (the others run on)
 if os.environ.get("FEATPROBE_CRASH_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
     arm(os.environ.get(ENV))
-
-
-def _serve() -> None:  # pragma: no cover - exercised through subprocesses by the tests
-    # what `extract` and `fit` import lazily, so that a child that dropped to another uid
-    # (which may not be able to read the Python installation) never needs to import
-    import encodings.cp437  # noqa: F401  (zipfile, np.load)
-    import encodings.utf_8_sig  # noqa: F401
-    import json
-    import sys
-    import time
-
-    import torch  # noqa: F401  (imported once here; every forked child inherits it)
-    import torchvision  # noqa: F401
-
-    import featprobe.extraction  # noqa: F401
-    import featprobe.fitting  # noqa: F401
-    import featprobe.heads  # noqa: F401
-    import featprobe.stream  # noqa: F401
-    from featprobe import faults  # the module the library calls, not this __main__ copy
-    from featprobe.cli import main
-
-    out = sys.stdout
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        job = json.loads(line)
-        t0 = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                if job.get("crash_at"):
-                    os.environ[ENV] = job["crash_at"]
-                if job.get("uid") is not None:
-                    os.setgroups([])
-                    os.setgid(job["uid"])
-                    os.setuid(job["uid"])
-                if job.get("fsize") is not None:
-                    import resource
-
-                    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                    resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
-                faults.arm(job.get("crash_at"))
-                try:
-                    main(job["argv"], prog_name="featprobe")
-                    code = 0
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                except BaseException:  # as an uncaught exception would end `featprobe`
-                    import traceback
-
-                    traceback.print_exc()
-                    code = 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        if job.get("kill_after") is not None:
-            deadline = t0 + float(job["kill_after"])
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if time.monotonic() >= deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    _, status = os.waitpid(pid, 0)
-                    break
-                time.sleep(0.002)
-        else:
-            _, status = os.waitpid(pid, 0)
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        out.write(json.dumps({"status": code, "seconds": round(time.monotonic() - t0, 3)}) + "\n")
-        out.flush()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _serve()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featprobe.data import Dataset, load_dataset
+from featprobe.data import Dataset, load_dataset, read_image_list
 from featprobe.errors import FeatprobeError
 
 
@@ -48,9 +48,11 @@ def predict(
     predicted class's probability, empty for heads without ``predict_proba`` (``svm``).
     Unreadable images get an empty label and their reason in ``error``.
     """
-    from featprobe.backbones import resolve_weights, weights_sha256
-    from featprobe.headio import load_head
-    from featprobe.stream import default_batch_size, feature_batches, resolve_device
+    from featprobe.extraction.backbones import FeatureModel, resolve_layers
+    from featprobe.extraction.stream import feature_batches
+    from featprobe.extraction.weights import resolve_weights, weights_sha256
+    from featprobe.policy import default_batch_size, resolve_device
+    from featprobe.probe.headfile import load_head
 
     est, meta = load_head(head_file)
     for key in ("backbone", "weights", "layer", "preprocessing", "classes"):
@@ -59,6 +61,7 @@ def predict(
     _check_head(est, meta, head_file)
     ds = _dataset(data, images, image_col, label_col)
     backbone, layer, classes = meta["backbone"], meta["layer"], meta["classes"]
+    resolve_layers(backbone, [layer])  # a backbone or layer this torchvision lacks: one line
     choice = resolve_weights(backbone, _weights_arg(meta))
     if choice.identity != meta.get("weights_id", choice.identity):
         raise FeatprobeError(
@@ -79,8 +82,8 @@ def predict(
     batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
     feats = None
     reasons = [""] * len(ds)
-    for rows, f, why in feature_batches(ds, backbone, choice, [layer], meta["preprocessing"],
-                                        dev, prec, batches, workers, progress,
+    model = FeatureModel(backbone, choice, (layer,), meta["preprocessing"])
+    for rows, f, why in feature_batches(model, ds, dev, prec, batches, workers, progress,
                                         desc=f"predict {backbone}"):
         x = f[layer]
         if feats is None:
@@ -130,7 +133,7 @@ def predict(
 def _check_head(est, meta: dict, head_file) -> None:
     """Refuse a head whose arrays and metadata do not fit together (a damaged or edited file)
     before any model is built: it would fail mid-run or, worse, mislabel rows."""
-    from featprobe.backbones import make_transform
+    from featprobe.extraction.pixels import check_preprocessing
 
     classes, n = meta["classes"], meta.get("n_features")
     problems = []
@@ -139,7 +142,7 @@ def _check_head(est, meta: dict, head_file) -> None:
     if meta.get("dtype") not in (None, "float16", "float32"):
         problems.append(f"unknown dtype {meta.get('dtype')!r}")
     try:
-        make_transform(meta["preprocessing"])
+        check_preprocessing(meta["preprocessing"])
     except (KeyError, TypeError, ValueError, IndexError):
         problems.append("'preprocessing' is not a valid preprocessing record")
     if not isinstance(n, int) or n < 1:
@@ -170,12 +173,8 @@ def _dataset(data, images, image_col, label_col) -> Dataset:
                 raise
             return load_dataset(p, images, image_col, None, labelled=False)
     if p.is_dir() and images is None:
-        from featprobe.data import read_image_list
-
         return read_image_list(p)
     if p.is_file():
-        from featprobe.data import read_image_list
-
         return read_image_list([p])
     raise FeatprobeError(f"no such file or folder: {data}")
 

@@ -12,6 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms._presets import ImageClassification
+
+
+def torchvision_preset(pre: dict) -> ImageClassification:
+    """torchvision's own classification preset for recorded preprocessing facts: the reference
+    the package's split transform (featprobe.extraction.pixels) is tested against. (A private
+    torchvision class, used here only, as an independent reference; the package uses public
+    APIs alone.)"""
+    return ImageClassification(
+        crop_size=pre["crop_size"][0],
+        resize_size=pre["resize_size"][0] if pre["resize_size"] else None,
+        mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+        interpolation=InterpolationMode(pre["interpolation"]), antialias=pre["antialias"])
 
 
 def make_images(
@@ -61,7 +75,7 @@ def tutorial_csv(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def fork_server(tmp_path_factory):
-    """``python -m featprobe.faults``: torch imported once, a forked `featprobe` per job
+    """``python tests/forkserver.py``: torch imported once, a forked `featprobe` per job
     (tests/reliability.py)."""
     from reliability import ForkServer
 

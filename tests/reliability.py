@@ -1,5 +1,5 @@
 """Helpers for the reliability tests (docs/reliability.md): a client for the fork server in
-:mod:`featprobe.faults`, a small real dataset, the extract command line, and cache equality."""
+tests/forkserver.py, a small real dataset, the extract command line, and cache equality."""
 
 from __future__ import annotations
 
@@ -21,17 +21,18 @@ LAYERS = ("avgpool", "layer4")  # 2 layers: consolidation copies 16 (part, layer
 
 
 class ForkServer:
-    """``python -m featprobe.faults``: one torch import, one forked `featprobe` per job."""
+    """``python tests/forkserver.py``: one torch import, one forked `featprobe` per job."""
 
     def __init__(self, logs: Path):
         self.logs = logs
         self.n = 0
-        self.proc = subprocess.Popen([sys.executable, "-m", "featprobe.faults"],
+        server = str(Path(__file__).with_name("forkserver.py"))
+        self.proc = subprocess.Popen([sys.executable, server],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, argv: list[str], crash_at: str | None = None, timeout: float = 180,
             **options) -> tuple:
-        """Run ``featprobe <argv>``; ``options``: fsize, uid (see featprobe.faults)."""
+        """Run ``featprobe <argv>``; ``options``: fsize, uid (see tests/forkserver.py)."""
         self.n += 1
         log = self.logs / f"run{self.n:02d}.log"
         job = {"argv": argv, "crash_at": crash_at, "log": str(log), **options}

@@ -22,12 +22,12 @@ FAST = ["--weights", "none", "--backbone", "resnet18", "--image-size", "32", "-q
 @pytest.fixture
 def no_model(monkeypatch):
     """Building a model at all is a failure here: bad input must be caught first."""
-    import featprobe.backbones
+    import featprobe.extraction.backbones
 
     def refuse(*a, **k):
         raise AssertionError("a model was built before the input was rejected")
 
-    monkeypatch.setattr(featprobe.backbones, "build_model", refuse)
+    monkeypatch.setattr(featprobe.extraction.backbones, "build_model", refuse)
 
 
 def _assert_one_line_error(result, match: str | None = None, click_usage: bool = False):
@@ -252,7 +252,8 @@ def test_info_directory(tmp_path):
 def test_usage_errors_are_one_line_from_the_console_script():
     """The real program name, an unknown option and command, and the bare group still helps."""
     run = [sys.executable, "-m", "featprobe"]
-    for args, text in ((["--bogus"], "No such option '--bogus'. (see: featprobe --help)"),
+    bogus = "No such option '--bogus'. Did you mean '--verbose'? (see: featprobe --help)"
+    for args, text in ((["--bogus"], bogus),
                        (["bogus"], "No such command 'bogus'. (see: featprobe --help)"),
                        (["fit"], "Missing argument 'CACHE'. (see: featprobe fit --help)")):
         p = subprocess.run(run + args, capture_output=True, text=True)

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featprobe.comparison import compare, format_table, plot
 from featprobe.errors import FeatprobeError
 from featprobe.runs import append_run, make_record
+from featprobe.runs.compare import compare, format_table, plot
 
 VAL_ACC = {"logreg": [0.80, 0.84, 0.83], "svm": [0.90, 0.86, 0.91]}
 

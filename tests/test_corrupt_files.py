@@ -22,7 +22,7 @@ from featprobe.cache import FeatureCache, verify
 from featprobe.cli import main
 from featprobe.errors import FeatprobeError
 from featprobe.extraction import extract
-from featprobe.fitting import fit
+from featprobe.probe.fit import fit
 
 
 @pytest.fixture(scope="module")

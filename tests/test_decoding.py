@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import torchvision_preset as make_transform
 from PIL import Image
 
-from featprobe import decoding
-from featprobe.backbones import make_transform, preprocessing, resolve_weights
 from featprobe.data import Dataset
-from featprobe.decoding import decode_batch, sniff
 from featprobe.errors import FeatprobeError
-from featprobe.images import BadImage, load_rgb
-from featprobe.pixels import normalize, pixel_transform
-from featprobe.weights import packaged_mobilenet_v2
+from featprobe.extraction import gpu_decode as decoding
+from featprobe.extraction.backbones import preprocessing
+from featprobe.extraction.gpu_decode import decode_batch, sniff
+from featprobe.extraction.images import BadImage, load_rgb
+from featprobe.extraction.pixels import normalize, pixel_transform
+from featprobe.extraction.weights import packaged_mobilenet_v2, resolve_weights
+from featprobe.policy import resolve_decode
 
 ORIENTATION = 0x0112
 PRE = preprocessing("mobilenet_v2", resolve_weights("mobilenet_v2", "none"))  # 256 → 224
@@ -94,12 +96,12 @@ def test_sniff_never_crashes_on_garbage():
 
 def test_resolve_decode():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decoding.resolve_decode("auto", cpu) == "cpu"
-    assert decoding.resolve_decode("auto", cuda, workers=3) == "gpu"  # too few cores to keep up
-    assert decoding.resolve_decode("auto", cuda, workers=15) == "cpu"  # measured faster on H100
-    assert decoding.resolve_decode("gpu", cpu) == "gpu"  # the tensor path on CPU: allowed
+    assert resolve_decode("auto", cpu) == "cpu"
+    assert resolve_decode("auto", cuda, workers=3) == "gpu"  # too few cores to keep up
+    assert resolve_decode("auto", cuda, workers=15) == "cpu"  # measured faster on H100
+    assert resolve_decode("gpu", cpu) == "gpu"  # the tensor path on CPU: allowed
     with pytest.raises(FeatprobeError, match="unknown decode"):
-        decoding.resolve_decode("nvjpeg", cpu)
+        resolve_decode("nvjpeg", cpu)
 
 
 # ----------------------------------------------------------------------------- tolerance

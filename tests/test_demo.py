@@ -9,8 +9,8 @@ import pytest
 
 from featprobe import demo
 from featprobe.cache import list_caches
+from featprobe.extraction.weights import packaged_mobilenet_v2
 from featprobe.runs import read_runs
-from featprobe.weights import packaged_mobilenet_v2
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("elpv_dataset") is None or packaged_mobilenet_v2() is None,

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import torchvision_preset as make_transform
 from PIL import Image
 
 import featprobe
-from featprobe import backbones
-from featprobe.backbones import make_transform, preprocessing, resolve_weights
 from featprobe.cache import FeatureCache, H5Builder, PartialCache
 from featprobe.errors import FeatprobeError
-from featprobe.extraction import extract
-from featprobe.images import load_rgb
+from featprobe.extraction import backbones, extract
+from featprobe.extraction.backbones import preprocessing
+from featprobe.extraction.images import load_rgb
+from featprobe.extraction.weights import resolve_weights, sha256_file
 
 FAST = dict(backbone="resnet18", weights="none", image_size=32, progress=False, workers=0)
 
@@ -197,7 +198,7 @@ def test_weights_file_state_dict(data, tmp_path):
     cache = extract(data, cache_dir=tmp_path / "c", weights=str(tmp_path / "w.pth"),
                     dtype="float32", **{k: v for k, v in FAST.items() if k != "weights"})
     assert cache.meta["weights"] == "file"
-    assert cache.meta["weights_sha256"] == backbones.sha256_file(tmp_path / "w.pth")
+    assert cache.meta["weights_sha256"] == sha256_file(tmp_path / "w.pth")
     random = extract(data, cache_dir=tmp_path / "c", dtype="float32", **FAST)
     assert not np.allclose(cache.features(), random.features())
     # strict: a resnet50 state dict does not load into resnet18
@@ -339,14 +340,15 @@ def test_api_is_lazy_and_mirrors_cli(data, tmp_path):
     assert isinstance(cache, featprobe.FeatureCache)
 
 
-def test_float16_underflow_is_reported(data, tmp_path, capsys):
+def test_float16_underflow_is_reported(data, tmp_path, caplog):
     """Random-init MobileNetV2 features (~1e-9) vanish in float16: say so, suggest float32."""
     extract(data, cache_dir=tmp_path / "c", backbone="mobilenet_v2", weights="none",
             image_size=32, progress=False, workers=0)
-    assert "use --dtype float32" in capsys.readouterr().err
+    assert "use --dtype float32" in caplog.text
+    caplog.clear()
     c32 = extract(data, cache_dir=tmp_path / "c", backbone="mobilenet_v2", weights="none",
                   image_size=32, progress=False, workers=0, dtype="float32")
-    assert "use --dtype float32" not in capsys.readouterr().err
+    assert "use --dtype float32" not in caplog.text
     assert np.count_nonzero(c32.features()) > 0
 
 
@@ -375,15 +377,15 @@ def test_verify_detects_tampering(data, tmp_path):
 def test_incremental_consolidation_with_periodic_fsync(data, tmp_path, monkeypatch):
     """The writer thread copies parts into the .h5 as it goes and fsyncs it every SYNC_EVERY
     bytes; fsyncing after every part changes nothing in the result."""
-    monkeypatch.setattr(featprobe.cache, "SYNC_EVERY", 1)  # fsync after every part
+    monkeypatch.setattr(featprobe.cache.writer, "SYNC_EVERY", 1)  # fsync after every part
     syncs = []
     real_fsync = os.fsync
-    monkeypatch.setattr(featprobe.cache.os, "fsync",
+    monkeypatch.setattr(featprobe.cache.writer.os, "fsync",
                         lambda fd: (syncs.append(fd), real_fsync(fd)))
     a = extract(data, cache_dir=tmp_path / "a", batch_size=3, **FAST)
     assert len(syncs) >= 4
-    monkeypatch.setattr(featprobe.cache.os, "fsync", real_fsync)
-    monkeypatch.setattr(featprobe.cache, "SYNC_EVERY", 256 << 20)
+    monkeypatch.setattr(featprobe.cache.writer.os, "fsync", real_fsync)
+    monkeypatch.setattr(featprobe.cache.writer, "SYNC_EVERY", 256 << 20)
     ref = extract(data, cache_dir=tmp_path / "c", batch_size=3, **FAST)
     assert ref.path.name == a.path.name
     for layer in a.layers:
@@ -406,7 +408,7 @@ def test_features_rows_read_in_chunk_ranges(tmp_path, monkeypatch):
         return real(self, dest, source_sel, dest_sel)
 
     monkeypatch.setattr(h5py.Dataset, "read_direct", spy)
-    monkeypatch.setattr(featprobe.cache, "_span", lambda ds, nbytes: 256)
+    monkeypatch.setattr(featprobe.cache.reader, "span_rows", lambda ds, nbytes: 256)
     np.testing.assert_array_equal(cache.features("f", rows=rows), x[rows])
     assert reads and all(s.stop - s.start <= 256 for s in reads)
     assert cache.features("f", rows=[]).shape == (0, 64)

@@ -17,9 +17,9 @@ import featprobe
 from featprobe.cache import write_arrays
 from featprobe.cli import main
 from featprobe.errors import FeatprobeError
-from featprobe.fitting import fit
-from featprobe.headio import load_head
 from featprobe.prediction import predict
+from featprobe.probe.fit import fit
+from featprobe.probe.headfile import load_head
 from featprobe.runs import read_runs
 from featprobe.splits import split
 
@@ -196,7 +196,7 @@ def test_saved_head_predicts_what_memory_head_predicts(real, head, tmp_path):
     X = cache.features()
     # refit in memory on the same rows: identical predictions to the saved head's
     s = split(cache.ids, cache.labels, seed=0)
-    mem = featprobe.heads.make_head(head, random_state=0).fit(X[s.train], cache.labels[s.train])
+    mem = featprobe.probe.make_head(head, random_state=0).fit(X[s.train], cache.labels[s.train])
     np.testing.assert_array_equal(est.predict(X), mem.predict(X))
     assert meta["weights"] == "none" and meta["preprocessing"]["crop_size"] == [32]
     # predict on held-out labelled images: the backbone reruns from the head's metadata
@@ -232,7 +232,7 @@ def test_predict_cli_and_refusals(real, tmp_path):
     assert r.exit_code == 0 and "accuracy" in r.output
     # a head whose weights cannot be reproduced here is refused, in one line
     est, meta = load_head(tmp_path / "h.npz")
-    from featprobe.headio import save_head
+    from featprobe.probe.headfile import save_head
 
     save_head(tmp_path / "other.npz", est, {**meta, "weights": "file",
                                             "weights_file": str(tmp_path / "gone.pth")})

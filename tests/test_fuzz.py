@@ -28,7 +28,7 @@ from PIL import Image
 from featprobe.cli import main
 from featprobe.data import load_dataset
 from featprobe.errors import FeatprobeError
-from featprobe.images import BadImage, load_rgb
+from featprobe.extraction.images import BadImage, load_rgb
 
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -287,12 +287,12 @@ def test_image_fuzz(tmp_path):
 def test_cli_fuzzed_csvs_give_one_error_line_and_exit_2(folder, tmp_path, monkeypatch):
     """A sample of generated bad CSVs through `featprobe extract`: exit 2, one `error:` line,
     no traceback, and no model built or cache written first."""
-    import featprobe.backbones
+    import featprobe.extraction.backbones
 
     def refuse(*a, **k):
         raise AssertionError("a model was built before the input was rejected")
 
-    monkeypatch.setattr(featprobe.backbones, "build_model", refuse)
+    monkeypatch.setattr(featprobe.extraction.backbones, "build_model", refuse)
     stats = Counter()
 
     @settings(FUZZ, max_examples=40)

@@ -1,4 +1,4 @@
-"""Tests for featprobe.heads (the registry, the torch heads, the sweeps) and featprobe.headio."""
+"""Tests for featprobe.probe: the registry, the torch heads, the sweeps, the head files."""
 
 import json
 import os
@@ -16,13 +16,10 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featprobe.errors import FeatprobeError
-from featprobe.headio import FORMAT_VERSION, load_head, save_head
-from featprobe.heads import (
+from featprobe.probe import (
     HEADS,
     LinearHead,
     MLPHead,
-    _AdamW,
-    _Params,
     head_name,
     head_params,
     list_heads,
@@ -30,6 +27,7 @@ from featprobe.heads import (
     sweep_linear,
     sweep_logreg,
 )
+from featprobe.probe.headfile import FORMAT_VERSION, load_head, save_head
 
 # SVC(probability=True) is deprecated in scikit-learn 1.9; svm-rbf still uses it (see docs).
 pytestmark = pytest.mark.filterwarnings("ignore:The `probability` parameter:FutureWarning")
@@ -143,94 +141,34 @@ def test_float16_input_used_as_is_and_same_as_float32(three_class):
     assert np.array_equal(a.predict(X_te.astype(np.float16)), b.predict(X_te))
 
 
-def test_minibatch_slicing_does_not_change_the_result(monkeypatch, three_class):
-    """On CPU a minibatch is processed in cache-sized slices; gradients must be the same."""
-    import featprobe.heads as heads
-
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_linear_head_is_a_plain_torch_training_loop(three_class, optimizer):
+    """LinearHead = nn.Linear + torch.optim.AdamW/Adam + cross-entropy on the minibatches a
+    local generator draws: written out here independently, the weights agree."""
     X_tr, _, y_tr, _ = three_class
-    whole = LinearHead(**SMALL["linear"], batch_size=64).fit(X_tr, y_tr)
-    monkeypatch.setattr(heads, "_slice_bytes", lambda: 4 * X_tr.shape[1] * 8)  # 8-row slices
-    sliced = LinearHead(**SMALL["linear"], batch_size=64).fit(X_tr, y_tr)
-    np.testing.assert_allclose(sliced.coef_, whole.coef_, atol=1e-5)
-
-
-def test_slice_size_follows_the_last_level_cache(tmp_path, monkeypatch):
-    import featprobe.heads as heads
-
-    for i, (level, kind, size) in enumerate(
-        [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
-         (3, "Unified", "266240K")]
-    ):
-        d = tmp_path / f"index{i}"
-        d.mkdir()
-        (d / "level").write_text(f"{level}\n")
-        (d / "type").write_text(f"{kind}\n")
-        (d / "size").write_text(f"{size}\n")
-    assert heads._last_level_cache_bytes(str(tmp_path)) == 266240 << 10
-    assert heads._last_level_cache_bytes(str(tmp_path / "missing")) is None
-    monkeypatch.setattr(heads, "_last_level_cache_bytes", lambda: 266240 << 10)
-    assert heads._slice_bytes() == 133120 << 10  # half the cache
-    monkeypatch.setattr(heads, "_last_level_cache_bytes", lambda: 4 << 20)
-    assert heads._slice_bytes() == heads._SLICE_BYTES  # never below the floor
-    monkeypatch.setattr(heads, "_last_level_cache_bytes", lambda: None)
-    assert heads._slice_bytes() == heads._SLICE_BYTES
-
-
-@pytest.mark.parametrize("n_heads, n_classes", [(3, 4), (12, 2), (1, 2)])
-def test_linear_gradient_equals_autograd_cross_entropy(n_heads, n_classes):
-    """LinearHead's hand-written step (relative logits, last class = minus the others,
-    cache-sized slices, the forward padded to 16 rows past 8) gives torch's cross-entropy
-    gradient for every stacked head, binary (the last class negated) or not."""
-    gen = torch.Generator().manual_seed(0)
-    d, n = 10, 17
-    w = torch.randn(n_heads, n_classes, d, generator=gen)
-    b = torch.randn(n_heads, n_classes, generator=gen)
-    x = torch.randn(n, d, generator=gen)
-    y = torch.randint(0, n_classes, (n,), generator=gen)
-    target = torch.nn.functional.one_hot(y, n_classes).float().T.contiguous()
-    gw, gb = torch.full_like(w, 7.0), torch.full_like(b, 7.0)  # must be overwritten
-    loss = torch.zeros(n_heads)
-    slices = [(x[:9], target[:, :9].contiguous()), (x[9:], target[:, 9:].contiguous())]
-    LinearHead()._minibatch([w, b], [gw, gb], iter(slices), n, loss, {})
-    for g in range(n_heads):
-        wg, bg = w[g].clone().requires_grad_(), b[g].clone().requires_grad_()
-        ref = torch.nn.functional.cross_entropy(x @ wg.T + bg, y)
-        ref.backward()
-        torch.testing.assert_close(gw[g], wg.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gb[g], bg.grad, rtol=1e-5, atol=1e-6)
-        assert loss[g].item() / n == pytest.approx(ref.item(), rel=1e-5)
-
-
-@pytest.mark.parametrize("decoupled", [True, False])
-def test_vectorised_adamw_matches_torch(decoupled):
-    """The sweep's optimiser (per-head lr and weight decay) is torch's AdamW / Adam."""
-    gen = torch.Generator().manual_seed(0)
-    lrs, wds = [1e-3, 3e-2], [1e-2, 0.5]
-    w = torch.randn(2, 3, 7, generator=gen)
-    b = torch.randn(2, 3, generator=gen)
-    params = _Params([w, b], torch.device("cpu"))
-    ours = _AdamW(params, lrs, wds, (True, False), decoupled=decoupled)
-    refs = []
-    for g in range(2):
-        ref = [w[g].clone().requires_grad_(), b[g].clone().requires_grad_()]
-        groups = [
-            {"params": [ref[0]], "weight_decay": wds[g]},
-            {"params": [ref[1]], "weight_decay": 0.0},
-        ]
-        refs.append(
-            (ref, (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, lr=lrs[g]))
-        )
-    for _ in range(10):
-        gw, gb = torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, generator=gen)
-        params.grads[0].copy_(gw)
-        params.grads[1].copy_(gb)
-        ours.step()
-        for g, (ref, opt) in enumerate(refs):
-            ref[0].grad, ref[1].grad = gw[g].clone(), gb[g].clone()
+    kw = {"epochs": 3, "batch_size": 40, "lr": 1e-2, "weight_decay": 1e-2, "device": "cpu",
+          "random_state": 5, "optimizer": optimizer}
+    head = LinearHead(**kw).fit(X_tr, y_tr)
+    classes, y_idx = np.unique(y_tr, return_inverse=True)
+    gen = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(X_tr.shape[1], len(classes))
+    bound = 1 / np.sqrt(X_tr.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(torch.empty(len(classes), X_tr.shape[1]).uniform_(-bound, bound,
+                                                                           generator=gen))
+        lin.bias.copy_(torch.empty(len(classes)).uniform_(-bound, bound, generator=gen))
+    torch.randint(2**62, (), generator=gen)  # the dropout seed every torch head draws
+    opt = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)(
+        [{"params": [lin.weight], "weight_decay": 1e-2}, {"params": [lin.bias],
+                                                           "weight_decay": 0.0}], lr=1e-2)
+    X, y = torch.from_numpy(X_tr), torch.from_numpy(y_idx)
+    for _ in range(3):
+        for idx in torch.randperm(len(X), generator=gen).split(40):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(lin(X[idx]), y[idx]).backward()
             opt.step()
-    for g, (ref, _) in enumerate(refs):
-        for mine, theirs in zip(params.weights, ref, strict=True):
-            torch.testing.assert_close(mine[g], theirs.detach(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head.coef_, lin.weight.detach().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(head.intercept_, lin.bias.detach().numpy(), rtol=0, atol=1e-5)
 
 
 def test_non_finite_input_is_refused():
@@ -243,10 +181,7 @@ def test_non_finite_input_is_refused():
 # --------------------------------------------------------------------------- sweeps
 
 
-def test_sweep_linear_equals_heads_trained_one_by_one(three_class, monkeypatch):
-    import featprobe.heads as heads
-
-    monkeypatch.setattr(heads, "_slice_bytes", lambda: 4 * 24 * 16)  # 2 slices per batch
+def test_sweep_linear_equals_heads_trained_one_by_one(three_class):
     X_tr, X_val, y_tr, y_val = three_class
     X16, X16_val = X_tr.astype(np.float16), X_val.astype(np.float16)
     kw = {"epochs": 4, "batch_size": 32, "device": "cpu", "random_state": 3}
@@ -485,7 +420,7 @@ def test_save_refusals(three_class, tmp_path):
 
 
 def test_interrupted_save_leaves_old_file_and_no_debris(saved, monkeypatch, three_class):
-    import featprobe.headio as headio
+    import featprobe.probe.headfile as headio
 
     before = saved.read_bytes()
     X_tr, _, y_tr, _ = three_class

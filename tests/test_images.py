@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms._presets import ImageClassification
 
 from featprobe.data import Dataset, read_image_list
-from featprobe.images import BadImage, ImageRows, load_rgb
+from featprobe.extraction.images import BadImage, ImageRows, load_rgb
 
 ORIENTATION = 0x0112
 

@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from featprobe.cache import write_arrays
 from featprobe.cli import main
 from featprobe.errors import FeatprobeError
-from featprobe.fitting import fit
-from featprobe.headio import load_head
-from featprobe.outofcore import BlockRows, parse_size, read_rows
+from featprobe.probe.fit import fit
+from featprobe.probe.headfile import load_head
+from featprobe.probe.outofcore import parse_size
+from featprobe.probe.rows import BlockRows, read_rows
 from featprobe.splits import split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,12 +104,11 @@ def test_saved_out_of_core_head_predicts_as_recorded(cache, tmp_path):
 
 
 @pytest.mark.parametrize("head,loss", [("logreg", "log_loss"), ("svm", "hinge")])
-def test_sklearn_heads_fall_back_to_sgd_and_say_so(cache, tmp_path, capsys, head, loss):
+def test_sklearn_heads_fall_back_to_sgd_and_say_so(cache, tmp_path, caplog, head, loss):
     mem = fit(cache, head=head, standardize=True, runs_dir=tmp_path)
     rec = fit(cache, head=head, standardize=True, max_memory="200KB", save=tmp_path / "h.npz",
               runs_dir=tmp_path)
-    err = capsys.readouterr().err
-    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("note:")]
     assert len(notes) == 1 and "SGDClassifier" in notes[0] and loss in notes[0]
     ooc = rec["out_of_core"]
     assert ooc["estimator"] == "sklearn.linear_model.SGDClassifier" and loss in ooc["fallback"]
@@ -156,7 +156,7 @@ def test_cli_max_memory(cache, tmp_path):
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys
-    import featprobe.fitting, featprobe.outofcore, torch, sklearn, h5py  # noqa: F401
+    import featprobe.probe.fit, featprobe.probe.outofcore, torch, sklearn, h5py  # noqa: F401
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -173,12 +173,12 @@ _RSS_SCRIPT = textwrap.dedent("""
                         np.arange(512) % 2, [0, 1], {"f": x})
     del x
     kw = {"epochs": 1} if sys.argv[3] == "linear" else {}
-    featprobe.fitting.fit(tiny, head=sys.argv[3], standardize=True, **kw, max_memory="1MB",
+    featprobe.probe.fit.fit(tiny, head=sys.argv[3], standardize=True, **kw, max_memory="1MB",
                           runs_dir=sys.argv[4])
     base = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
-    rec = featprobe.fitting.fit(cache, head=sys.argv[3], standardize=True, **kw,
+    rec = featprobe.probe.fit.fit(cache, head=sys.argv[3], standardize=True, **kw,
                                 max_memory=sys.argv[2], runs_dir=sys.argv[4])
     print(json.dumps({"growth": status("VmHWM") - base, "ooc": rec["out_of_core"],
                       "acc": rec["val"]["accuracy"]}))

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import torchvision_preset as make_transform
 
-from featprobe.backbones import make_transform, preprocessing, resolve_weights
-from featprobe.images import load_rgb
-from featprobe.pixels import normalize, pixel_transform
-from featprobe.stream import StorageCast
+from featprobe.extraction.backbones import preprocessing
+from featprobe.extraction.images import load_rgb
+from featprobe.extraction.pixels import normalize, pixel_transform
+from featprobe.extraction.stream import StorageCast
+from featprobe.extraction.weights import resolve_weights
 
 FOOLBOX = importlib.util.find_spec("foolbox")
 

@@ -9,7 +9,7 @@ import torchvision
 
 from featprobe.errors import FeatprobeError
 from featprobe.extraction import extract
-from featprobe.stream import resolve_precision
+from featprobe.policy import resolve_precision
 from tests.conftest import make_images
 
 
@@ -21,7 +21,7 @@ def test_auto_precision():
         resolve_precision("fp8", torch.device("cpu"))
 
 
-def test_fp16_overflow_is_recomputed_in_fp32(tmp_path, capsys):
+def test_fp16_overflow_is_recomputed_in_fp32(tmp_path, caplog):
     """A model whose activations pass fp16's 65,504: the guarded fp16 run stores exactly the
     fp32 features instead of inf, and says so."""
     rows = make_images(tmp_path / "images", 6, ext="png", size=32)
@@ -39,9 +39,9 @@ def test_fp16_overflow_is_recomputed_in_fp32(tmp_path, capsys):
         model.fc = torch.nn.Identity()
         assert not torch.isfinite(model.eval()(x)).all()  # the premise: fp16 overflows
     ref = extract(tmp_path / "d.csv", precision="fp32", **kw)
-    capsys.readouterr()
+    caplog.clear()
     got = extract(tmp_path / "d.csv", precision="fp16", **kw)
-    assert "fp16 overflowed (inf/nan features) in 2 batch(es)" in capsys.readouterr().err
+    assert "fp16 overflowed (inf/nan features) in 2 batch(es)" in caplog.text
     assert got.path != ref.path  # precision is in the cache key
     a, b = ref.features("avgpool"), got.features("avgpool")
     assert np.isfinite(a).all() and a.max() > 65504
@@ -51,12 +51,12 @@ def test_fp16_overflow_is_recomputed_in_fp32(tmp_path, capsys):
 def test_default_workers_rule(monkeypatch):
     """CPU devices decode in the main process, on threads, between forward passes (measured
     faster than a worker process beside the forward's threads); CUDA: all cores but one."""
-    from featprobe import stream
+    from featprobe import policy
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert stream.default_workers(cpu) == 0
-    assert stream.default_workers(cuda) == 1
-    monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert stream.default_workers(cpu) == 0
-    assert stream.default_workers(cuda) == 15
+    monkeypatch.setattr(policy.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert policy.default_workers(cpu) == 0
+    assert policy.default_workers(cuda) == 1
+    monkeypatch.setattr(policy.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert policy.default_workers(cpu) == 0
+    assert policy.default_workers(cuda) == 15

@@ -19,7 +19,7 @@ from PIL import Image
 from featprobe.cli import main
 from featprobe.errors import FeatprobeError
 from featprobe.extraction import extract
-from featprobe.weights import add_checkpoint, packaged_mobilenet_v2
+from featprobe.extraction.weights import add_checkpoint, packaged_mobilenet_v2
 
 CKPT = packaged_mobilenet_v2()
 FOOLBOX = importlib.util.find_spec("foolbox")

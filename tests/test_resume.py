@@ -81,8 +81,11 @@ def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
 
 def _held(cache_dir) -> bool:
     """Whether some process holds the writer lock of a cache being built in ``cache_dir``."""
-    for lock in cache_dir.glob("*.partial/lock"):
-        fd = os.open(lock, os.O_RDWR)
+    for lock in cache_dir.glob("*.h5.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # released (and removed) since the glob
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fd, fcntl.LOCK_UN)

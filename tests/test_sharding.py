@@ -21,7 +21,7 @@ from featprobe.cache import FeatureCache, list_caches, merge
 from featprobe.cli import main
 from featprobe.errors import FeatprobeError
 from featprobe.extraction import extract
-from featprobe.sharding import Shard, parse_shard, resolve
+from featprobe.extraction.sharding import Shard, parse_shard, resolve
 from tests.conftest import make_images
 
 # 42 rows in parts of 4: 11 parts, the last one short, so shards are uneven on purpose

@@ -1,11 +1,11 @@
 """The streaming loop: DataLoader → frozen model → writer thread → crash-safe parts.
 
-A DataLoader (workers, in order) decodes and crops to uint8; the batch is normalised on the
-model's device (:mod:`featprobe.pixels`); the model runs in eval mode under
+A DataLoader (workers, in order) decodes and crops to uint8; the batch is normalised on the model's
+device (:mod:`featprobe.extraction.pixels`); the model runs in eval mode under
 ``torch.inference_mode()``; the features are cast to the cache's dtype on the device
 (:class:`StorageCast`) and go to a writer thread that saves each batch as one part (see
-:mod:`featprobe.cache`), so decoding, the forward pass and disk writes overlap and memory stays
-flat in the number of images.
+:mod:`featprobe.cache.writer`), so decoding, the forward pass and disk writes overlap and memory
+stays flat in the number of images.
 
 What the main process does per batch is kept small, because on a GPU it is the critical path:
 at ~7,000 images/s a batch of 256 must be turned around in ~36 ms. The float32 → float16 cast
@@ -17,7 +17,7 @@ nearly free, and on a CPU torch's cast is 2.6x faster than numpy's (bit-identica
 from __future__ import annotations
 
 import contextlib
-import os
+import logging
 import queue
 import sys
 import threading
@@ -26,78 +26,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featprobe import backbones, decoding, pixels
-from featprobe.cache import PartialCache
+from featprobe.cache.writer import PartialCache
 from featprobe.errors import FeatprobeError
+from featprobe.extraction import backbones, gpu_decode, pixels
+from featprobe.extraction.images import ImageRows
+from featprobe.extraction.settings import ExtractJob
 from featprobe.faults import crash_point
-from featprobe.images import ImageRows
+from featprobe.policy import default_workers
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise FeatprobeError(f"unknown device {device!r}: use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatprobeError("--device cuda asked for, but torch sees no CUDA GPU here")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp16 autocast on CUDA, fp32 on CPU.
-
-    Measured (bench/precision.py, ELPV, MobileNetV2 IMAGENET1K_V1, H100, 5 splits; see
-    bench/RESULTS.md): fp16 features are within 5.7e-3 relative error of fp32 and heads on them
-    land within 0.38 points of fp32's val accuracy on every split; bf16 features are 9.8e-2 off
-    and move val accuracy by up to 2.7 points. Both run at the same tensor-core rate on CUDA, so
-    ``auto`` takes fp16 (batches that overflow are recomputed in fp32, see ``_Fp16Guard``).
-    On CPU ``auto`` stays fp32 even with AMX bf16 units (2.4x faster for VGG16 on the H100
-    host's Xeon) because bf16 fails the same accuracy check; ``--precision bf16`` opts in.
-    """
-    if precision not in PRECISIONS:
-        raise FeatprobeError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def default_batch_size(device: torch.device) -> int:
-    return 256 if device.type == "cuda" else 32
-
-
-def default_workers(device: torch.device) -> int:
-    """DataLoader worker processes: all but one core on CUDA (max 16); none on CPU.
-
-    On a CPU device the forward pass already runs on every core (torch's intra-op threads,
-    which meet at a barrier after each operator), so a decoding process beside it does not
-    overlap: it takes a core from one thread while the others wait for it. Measured on 2 cores
-    (bench/RESULTS.md): resnet18 with one worker 0.68-0.71 of model-only speed; decoding each
-    batch in the main process on all cores, then running it, 0.84 (VGG16: 0.99 past the fixed
-    cost). So on CPU the main process decodes each batch on ``torch.get_num_threads()``
-    threads (:class:`ImageRows`), between forward passes.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device.type == "cuda":
-        return min(16, max(1, cpus - 1))
-    return 0
+log = logging.getLogger("featprobe")
 
 
 def image_loader(ds, pre, dev, decode, batches, workers):
     """The in-order DataLoader over ``batches`` for a decode path, and the PIL transform.
 
     ``cpu``: batches of uint8 crops; ``gpu``: batches of file bytes (and PIL crops for what
-    the tensor decoder will not take) for :func:`featprobe.decoding.assemble`. Either way
-    :func:`featprobe.pixels.normalize` turns them into the model's input on ``dev``.
+    the tensor decoder will not take) for :func:`featprobe.gpu_decode.assemble`. Either way
+    :func:`featprobe.extraction.pixels.normalize` turns them into the model's input on ``dev``.
     """
     transform = pixels.pixel_transform(pre)
     size = pre["crop_size"][0]
     if decode == "gpu":
-        rows, collate = decoding.EncodedRows(ds, transform, size), decoding.collate_encoded
+        rows, collate = gpu_decode.EncodedRows(ds, transform, size), gpu_decode.collate_encoded
     else:
         threads = torch.get_num_threads() if workers == 0 else 1
         rows = ImageRows(ds, transform, size, fill_dtype=torch.uint8, threads=threads)
@@ -113,23 +64,25 @@ def image_loader(ds, pre, dev, decode, batches, workers):
     return loader, transform
 
 
-def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers=None,
+def feature_batches(model: backbones.FeatureModel, ds, dev, prec: str, batches, workers=None,
                     progress=True, initial=0, desc=None, decode="cpu", cast=None):
     """Yield ``(rows, {layer: array}, reasons)`` for each batch of row indices.
 
-    The model is built here, so callers that find nothing to do never pay for it. ``reasons[i]``
-    is "" for a good image and why it could not be read otherwise. Arrays are float32 and a bad
-    image's features are garbage; with ``cast`` (a :class:`StorageCast`) they are in its dtype,
-    cast on the device, with a bad image's row zeroed.
+    The network is built here, so callers that find nothing to do never pay for it.
+    ``reasons[i]`` is "" for a good image and why it could not be read otherwise. Arrays are
+    float32 and a bad image's features are garbage; with ``cast`` (a :class:`StorageCast`) they
+    are in its dtype, cast on the device, with a bad image's row zeroed.
 
     ``decode="cpu"``: DataLoader workers decode and preprocess with PIL. ``decode="gpu"``: the
     workers read file bytes (and PIL-decode only what the tensor decoder will not take); this
-    process decodes each batch's JPEGs on ``dev`` (:mod:`featprobe.decoding`). On CUDA the
-    features of batch k are copied back while batch k+1 is decoded and run (one batch in flight).
+    process decodes each batch's JPEGs on ``dev`` (:mod:`featprobe.extraction.gpu_decode`). On
+    CUDA the features of batch k are copied back while batch k+1 is decoded and run (one batch
+    in flight).
     """
-    model = backbones.build_model(backbone, choice)
-    sources = backbones.layer_sources(backbone, model, layers)
-    extractor = backbones.FeatureExtractor(model, sources).to(dev)
+    backbone, layers, pre = model.backbone, list(model.layers), model.preprocessing
+    net = backbones.build_model(backbone, model.weights)
+    sources = backbones.layer_sources(backbone, net, layers)
+    extractor = backbones.FeatureExtractor(net, sources).to(dev)
     # channels-last is 1.5-2x faster for convolutions on GPUs and on CPUs alike (oneDNN)
     extractor = extractor.to(memory_format=torch.channels_last)
     n_workers = default_workers(dev) if workers is None else workers
@@ -148,7 +101,7 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
         for batch in loader:
             with torch.inference_mode():
                 if decode == "gpu":
-                    index, x, reasons = decoding.assemble(batch, pre, dev, transform)
+                    index, x, reasons = gpu_decode.assemble(batch, pre, dev, transform)
                 else:
                     index, x, reasons = batch
                 # uint8 to the device (a quarter of the float bytes), channels-last while it is
@@ -183,8 +136,8 @@ def feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, worke
     finally:
         bar.close()
         if guard.batches:
-            print(f"warning: fp16 overflowed (inf/nan features) in {guard.batches} batch(es); "
-                  "they were recomputed in fp32", file=sys.stderr)
+            log.warning(f"warning: fp16 overflowed (inf/nan features) in {guard.batches} "
+                        "batch(es); they were recomputed in fp32")
 
 
 def _to_host(out: dict, layers, cast, reasons, pinned: bool = False, count: bool = True) -> dict:
@@ -266,22 +219,22 @@ class _Fp16Guard:
         return index.tolist(), {layer: t.numpy() for layer, t in host.items()}, reasons
 
 
-def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, part_rows,
-              todo, workers, progress, decode="cpu", builder=None) -> None:
+def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None) -> None:
     """Compute the missing parts, one crash-safe part per batch, written on a thread.
 
-    ``builder`` (a :class:`featprobe.cache.H5Builder`): also copy each part into the final HDF5
-    file as it is written, so consolidation overlaps the forward pass.
+    ``builder`` (a :class:`featprobe.cache.writer.H5Builder`): also copy each part into the
+    final HDF5 file as it is written, so consolidation overlaps the forward pass.
     """
+    ds, layers = job.ds, job.model.layers
     batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
-    stream = feature_batches(ds, backbone, choice, layers, pre, dev, prec, batches, workers,
-                             progress, initial=len(ds) - sum(len(b) for b in batches),
-                             decode=decode, cast=(cast := StorageCast(dtype)))
-    writer = _PartWriter(partial, builder)
+    stream = feature_batches(job.model, ds, job.device, job.precision, batches, job.workers,
+                             job.progress, initial=len(ds) - sum(len(b) for b in batches),
+                             decode=job.decode, cast=(cast := StorageCast(job.dtype)))
+    writer = _PartWriter(job.partial, builder)
     try:
         for k, (rows, feats, reasons) in zip(todo, stream):
             bad = [i for i, r in enumerate(reasons) if r]
-            if bad and on_error == "fail":
+            if bad and job.on_error == "fail":
                 raise FeatprobeError(
                     f"cannot read image {ds.ids[rows[bad[0]]]}: {reasons[bad[0]]} — fix or "
                     "remove it, or rerun with --on-error skip (finished batches are kept)"
@@ -301,9 +254,9 @@ def run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, par
         writer.close()
     writer.check()
     if (lost := cast.lost_fraction()) > 0.001:
-        print(f"warning: float16 storage lost {100 * lost:.1f}% of the nonzero feature "
-              "values (underflow to 0 or overflow to inf: features this small or large are "
-              "typical of random weights); use --dtype float32", file=sys.stderr)
+        log.warning(f"warning: float16 storage lost {100 * lost:.1f}% of the nonzero feature "
+                    "values (underflow to 0 or overflow to inf: features this small or large "
+                    "are typical of random weights); use --dtype float32")
 
 
 class _PartWriter:

@@ -83,7 +83,7 @@ class ImageRows(torch.utils.data.Dataset):
     :meth:`__getitems__`, which decodes its images on that many threads (Pillow releases the
     GIL while it decodes and resizes). That is how a CPU device decodes: all cores decode a
     batch, then all cores run the forward pass, instead of a worker process taking a core from
-    the forward's threads while they run (see :func:`featprobe.stream.default_workers`).
+    the forward's threads while they run (see :func:`featprobe.policy.default_workers`).
     """
 
     def __init__(self, ds: Dataset, transform, size: int, fill_dtype=torch.float32,

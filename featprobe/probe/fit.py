@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.pipeline import make_pipeline
 
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
-from featprobe.runs import append_run, compute_metrics, majority_rate, make_record
+from featprobe.probe import outofcore
+from featprobe.probe.headfile import save_head
+from featprobe.probe.registry import HEADS, head_params, make_head, spec_of, split_pipeline
+from featprobe.probe.rows import read_rows
+from featprobe.probe.sweeps import SCORES, sweep_head
+from featprobe.runs.records import append_run, compute_metrics, majority_rate, make_record
 from featprobe.splits import split as make_split
 
 # The metadata a saved head carries so that `predict` can rebuild its exact feature extractor.
@@ -24,8 +31,18 @@ HEAD_META_KEYS = ("backbone", "weights", "weights_id", "weights_file", "weights_
                   "preprocessing", "precision", "cache_key", "dataset_fingerprint")
 
 
-def _cache(cache: FeatureCache | str | os.PathLike) -> FeatureCache:
-    return cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+@dataclass(frozen=True)
+class FitSettings:
+    """Everything one fit is asked for (what ``featprobe fit``'s options say)."""
+
+    head: str = "logreg"
+    layer: str | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    standardize: bool = False
+    sweep: bool = False
+    max_memory: str | int | None = None
+    params: dict = field(default_factory=dict)  # head parameters, e.g. {"epochs": 50}
 
 
 def fit(
@@ -46,57 +63,67 @@ def fit(
     """Fit ``head`` on ``layer`` of a cache over the seeded stratified split; return the record.
 
     ``params`` go to the head (e.g. ``epochs=50``, ``C=0.1``); ``random_state`` defaults to
-    ``seed`` where the head has one. With ``sweep=True`` a ``linear`` head trains a grid of
-    learning rates × weight decays in one pass and ``logreg`` a grid of C, and the winner on
-    val is recorded (every grid point is kept in ``record["sweep"]["grid"]``). The record is
-    appended to ``runs.jsonl`` in ``runs_dir`` (default: the cache's directory).
+    ``seed`` where the head has one. With ``sweep=True`` the head's registered grid (linear: a
+    learning rate × weight decay grid trained in one pass; logreg: a grid of C) is fitted and
+    the winner on val is recorded (every grid point is kept in ``record["sweep"]["grid"]``).
+    The record is appended to ``runs.jsonl`` in ``runs_dir`` (default: the cache's directory).
 
     ``max_memory`` (bytes, or a size such as ``"2GB"``, ``"512MB"``, ``"1.5GiB"``; default:
     ``$FEATPROBE_MAX_MEMORY`` or half of the available RAM) bounds the feature data held in
-    memory. When the split's rows would not fit, the head trains from the file in shuffled
-    blocks (:mod:`featprobe.outofcore`; ``logreg``/``svm`` fall back to ``SGDClassifier``)
-    and the record says so in ``out_of_core``. ``progress`` shows a bar per out-of-core epoch.
+    memory. When the split's rows would not fit the budget, the head trains from the file in
+    shuffled blocks (:mod:`featprobe.probe.outofcore`; ``logreg``/``svm`` fall back to
+    ``SGDClassifier``) and the record says so in ``out_of_core``. ``progress`` shows a bar per
+    out-of-core epoch.
     """
-    from featprobe import heads as registry
-    from featprobe import outofcore
+    settings = FitSettings(head, layer, seed, val_fraction, standardize, sweep, max_memory,
+                           params)
+    c = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    rec, est = run_fit(c, settings, progress)
+    if save is not None:
+        rec["saved_head"] = str(save_fitted(save, est, c, rec["layer"], rec))
+    if record:
+        append_run(runs_dir if runs_dir is not None else c.directory, rec)
+    return rec
 
-    budget = outofcore.resolve_budget(max_memory)
-    c = _cache(cache)
-    layer = c._layer(layer)
-    s = make_split(c.ids, c.labels, val_fraction=val_fraction, seed=seed, valid=c.valid)
-    est = registry.make_head(head, standardize=standardize, **params)
-    inner = est.steps[-1][1] if standardize else est
-    if "random_state" in inner.get_params() and "random_state" not in params:
-        inner.set_params(random_state=seed)
 
-    y_train, y_val = c.labels[s.train], c.labels[s.val]
-    labels = list(range(len(c.classes)))
-    if sweep and head not in ("linear", "logreg"):
-        raise FeatprobeError(f"--sweep is available for the linear and logreg heads, not {head!r}")
-    requested = est
-    need = outofcore.in_memory_bytes(head, len(s.train) + len(s.val), c.shapes[layer][1],
-                                     c.dtypes[layer].itemsize, standardize, inner.get_params(),
-                                     len(c.classes), sweep)
-    sweep_info, ooc = None, None
+def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[dict, Any]:
+    """One fit as ``s`` says: the run record (not yet appended) and the fitted estimator."""
+    budget = outofcore.resolve_budget(s.max_memory)
+    spec = spec_of(s.head)
+    layer = c._layer(s.layer)
+    split = make_split(c.ids, c.labels, val_fraction=s.val_fraction, seed=s.seed, valid=c.valid)
+    est = make_head(s.head, standardize=s.standardize, **s.params)
+    inner, _ = split_pipeline(est)
+    if "random_state" in inner.get_params() and "random_state" not in s.params:
+        inner.set_params(random_state=s.seed)
+    if s.sweep and not spec.grid:
+        with_grid = [n for n, h in HEADS.items() if h.grid]
+        raise FeatprobeError(f"--sweep is available for the {' and '.join(with_grid)} heads, "
+                             f"not {s.head!r}")
+
+    y_train, y_val = c.labels[split.train], c.labels[split.val]
+    requested, sweep_info, ooc = est, None, None
+    n_heads = _grid_size(spec) if s.sweep else 1
+    need = outofcore.in_memory_bytes(est, len(split.train) + len(split.val), c.shapes[layer][1],
+                                     c.dtypes[layer].itemsize, len(c.classes), n_heads)
     if need > budget:
         t0 = time.perf_counter()
-        out = outofcore.fit_out_of_core(c.path, layer, est, head, s.train, y_train, s.val,
-                                        y_val, budget, standardize, sweep, seed,
+        out = outofcore.fit_out_of_core(c.path, layer, est, spec, split.train, y_train,
+                                        split.val, y_val, budget, s.sweep, s.seed,
                                         progress=progress)
         est, ooc = out["estimator"], out["info"]
-        fit_seconds = out["info"].pop("fit_seconds", time.perf_counter() - t0)
+        fit_seconds = ooc.pop("fit_seconds", time.perf_counter() - t0)
         train_pred, val_pred = out["train_pred"], out["val_pred"]
         if out["sweep_result"] is not None:
             sweep_info = _sweep_record(out["sweep_result"])
     else:
         # read only the split's rows, in bounded blocks (never a second copy of the layer)
-        X = outofcore.read_rows(c.path, layer, np.concatenate([s.train, s.val]))
+        X = read_rows(c.path, layer, np.concatenate([split.train, split.val]))
         _require_finite(X, c, layer)
-        X_train, X_val = X[: len(s.train)], X[len(s.train):]
+        X_train, X_val = X[: len(split.train)], X[len(split.train):]
         t0 = time.perf_counter()
-        if sweep:
-            est, sweep_info = _sweep(registry, head, inner, standardize, X_train, y_train,
-                                     X_val, y_val, seed)
+        if s.sweep:
+            est, sweep_info = _sweep(est, spec, X_train, y_train, X_val, y_val)
         else:
             est.fit(X_train, y_train)
         fit_seconds = time.perf_counter() - t0
@@ -104,8 +131,9 @@ def fit(
 
     # the params asked for (an out-of-core logreg/svm is an SGDClassifier: see out_of_core)
     fallback = ooc is not None and "fallback" in ooc
-    all_params = registry.head_params(requested if fallback else est)
-    defaults = registry.HEADS[head].params()
+    all_params = head_params(requested if fallback else est)
+    defaults = spec.params()
+    labels = list(range(len(c.classes)))
     rec = make_record(
         kind="probe",
         cache=c.path.name,
@@ -114,17 +142,17 @@ def fit(
         backbone=c.backbone,
         weights=c.meta.get("weights"),
         layer=layer,
-        head=head,
+        head=s.head,
         params={k: v for k, v in all_params.items() if k != "standardize"},
         params_set={k: v for k, v in all_params.items()
                     if k != "standardize" and defaults.get(k) != v},
-        standardize=standardize,
-        seed=seed,
-        val_fraction=val_fraction,
-        split_hash=s.hash,
-        n_train=len(s.train),
-        n_val=len(s.val),
-        n_invalid=s.n_invalid,
+        standardize=s.standardize,
+        seed=s.seed,
+        val_fraction=s.val_fraction,
+        split_hash=split.hash,
+        n_train=len(split.train),
+        n_val=len(split.val),
+        n_invalid=split.n_invalid,
         classes=c.classes,
         train=compute_metrics(y_train, train_pred, labels),
         val=compute_metrics(y_val, val_pred, labels),
@@ -133,11 +161,11 @@ def fit(
         out_of_core=ooc,
         majority_rate=majority_rate(y_train, y_val),
     )
-    if save is not None:
-        rec["saved_head"] = str(save_fitted(save, est, c, layer, rec))
-    if record:
-        append_run(runs_dir if runs_dir is not None else c.directory, rec)
-    return rec
+    return rec, est
+
+
+def _grid_size(spec) -> int:
+    return int(np.prod([len(v) for v in spec.grid.values()]))
 
 
 def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:
@@ -152,40 +180,28 @@ def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:
         )
 
 
-def _sweep(registry, head, inner, standardize, X_train, y_train, X_val, y_val, seed):
-    """Train the head's grid together; return the winning estimator and the grid record."""
+def _sweep(est, spec, X_train, y_train, X_val, y_val):
+    """Fit the head's registered grid; return the winning estimator and the grid record."""
+    inner, standardize = split_pipeline(est)
     scaler = None
     if standardize:
-        from sklearn.preprocessing import StandardScaler
-
-        scaler = StandardScaler().fit(X_train)
+        scaler = est.steps[0][1].fit(X_train)
         X_train, X_val = scaler.transform(X_train), scaler.transform(X_val)
-    if head == "linear":
-        p = inner.get_params()
-        result = registry.sweep_linear(X_train, y_train, X_val, y_val, epochs=p["epochs"],
-                                       batch_size=p["batch_size"], device=p["device"],
-                                       random_state=seed)
-    else:
-        result = registry.sweep_logreg(X_train, y_train, X_val, y_val)
+    result = sweep_head(inner, spec.grid, X_train, y_train, X_val, y_val)
     best = result.best_estimator_
     if scaler is not None:
-        from sklearn.pipeline import make_pipeline
-
         best = make_pipeline(scaler, best)
     return best, _sweep_record(result)
 
 
 def _sweep_record(result) -> dict:
-    scores = ("train_accuracy", "val_accuracy")
-    won = {"params": {k: v for k, v in result.best.items() if k not in scores},
-           **{k: result.best[k] for k in scores}}
+    won = {"params": {k: v for k, v in result.best.items() if k not in SCORES},
+           **{k: result.best[k] for k in SCORES}}
     return {"grid": result.grid, "best": won}
 
 
 def save_fitted(path: str | os.PathLike, est, cache: FeatureCache, layer: str, rec: dict) -> Path:
     """Save a fitted head with what ``predict`` needs to rebuild its features exactly."""
-    from featprobe.headio import save_head
-
     meta = {k: cache.meta.get(k) for k in HEAD_META_KEYS}
     meta.update(classes=cache.classes, layer=layer, n_features=int(cache.shapes[layer][1]),
                 head=rec["head"], split_hash=rec["split_hash"], run_id=rec["run_id"],

@@ -2,31 +2,35 @@
 
 :func:`extract` validates the dataset, works out the cache's content-addressed name and either
 returns the finished cache, resumes an interrupted one, or streams a new one
-(:mod:`featprobe.stream`). An identical rerun is answered from a small request index without
-importing torch, so it costs a fraction of a second.
+(:mod:`featprobe.extraction.stream`). An identical rerun is answered from a small request index
+without importing torch, so it costs a fraction of a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 from featprobe import __version__
 from featprobe.cache import FORMAT_VERSION, FeatureCache, PartialCache, default_cache_dir
+from featprobe.cache.integrity import merge
 from featprobe.data import Dataset, load_dataset
 from featprobe.errors import FeatprobeError
+from featprobe.extraction import sharding
+from featprobe.extraction.settings import ExtractJob, ExtractSettings
 from featprobe.faults import crash_point
+from featprobe.policy import DECODES, DTYPES
 
-DTYPES = ("float16", "float32")
 ON_ERROR = ("fail", "skip")
-DECODES = ("auto", "cpu", "gpu")  # featprobe.decoding.DECODES, without importing torch
 REQUESTS = ".requests"  # request hash -> cache file name, for the torch-free rerun
+log = logging.getLogger("featprobe")
 
 
 def cache_name(backbone: str, config: dict) -> tuple[str, str]:
@@ -61,108 +65,110 @@ def extract(
     once (the model is not built); an interrupted one is resumed.
 
     ``shard="i/n"`` computes only shard ``i`` of ``n`` (for independent jobs such as SLURM
-    arrays; see :mod:`featprobe.sharding`). The shard that finds every part written merges them
-    and returns the cache; the others return ``None`` (``featprobe merge`` also consolidates).
-    Under ``torchrun`` the ranks are the shards and every rank returns the cache.
+    arrays; see :mod:`featprobe.extraction.sharding`). The shard that finds every part written
+    merges them and returns the cache; the others return ``None`` (``featprobe merge`` also
+    consolidates). Under ``torchrun`` the ranks are the shards and every rank returns the cache.
 
     ``decode``: ``cpu`` (PIL in DataLoader workers), ``gpu`` (JPEGs decoded on the device, see
-    :mod:`featprobe.decoding`; on a CPU device the same tensor path runs on CPU) or ``auto``
-    (``gpu`` on CUDA). It does not enter the cache key (the features agree within a stated
-    tolerance); the cache's ``decode`` attribute records which path made it.
+    :mod:`featprobe.extraction.gpu_decode`; on a CPU device the same tensor path runs on CPU) or
+    ``auto`` (``gpu`` on CUDA). It does not enter the cache key (the features agree within a
+    stated tolerance); the cache's ``decode`` attribute records which path made it.
     """
-    from featprobe import sharding
-
-    shard = sharding.resolve(shard)
-    if on_error not in ON_ERROR:
-        raise FeatprobeError(f"--on-error must be fail or skip, got {on_error!r}")
-    if dtype not in DTYPES:
-        raise FeatprobeError(f"--dtype must be float16 or float32, got {dtype!r}")
-    if decode not in DECODES:
-        raise FeatprobeError(f"--decode must be auto, cpu or gpu, got {decode!r}")
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
+    settings = ExtractSettings(backbone, weights, tuple(layers) if layers else None, device,
+                               batch_size, workers, on_error, dtype, precision, image_size,
+                               decode, progress)
+    shard = sharding.resolve(shard)
+    _check(settings)
     ds = data if isinstance(data, Dataset) else load_dataset(data, images, image_col, label_col)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return run_extract(ds, settings, directory, shard)
+
+
+def _check(s: ExtractSettings) -> None:
+    if s.on_error not in ON_ERROR:
+        raise FeatprobeError(f"--on-error must be fail or skip, got {s.on_error!r}")
+    if s.dtype not in DTYPES:
+        raise FeatprobeError(f"--dtype must be float16 or float32, got {s.dtype!r}")
+    if s.decode not in DECODES:
+        raise FeatprobeError(f"--decode must be auto, cpu or gpu, got {s.decode!r}")
+
+
+def run_extract(ds: Dataset, s: ExtractSettings, directory: Path,
+                shard: sharding.Shard) -> FeatureCache | None:
+    """:func:`extract` once its arguments are settings: reuse, resume or stream the cache."""
     if ds.labels is None:
         raise FeatprobeError("extract needs labelled images (a CSV with labels, or a folder tree)")
     fingerprint = ds.fingerprint()
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    request = _request_key(backbone, weights, layers, image_size, dtype, precision, device,
-                           fingerprint)
+    request = _request_key(s, fingerprint)
     known = _lookup(directory, request, fingerprint)
     if known is not None:
-        return _reuse(known, on_error)
+        return _reuse(known, s.on_error)
 
-    # a new request: resolve everything (this imports torch and torchvision)
-    from featprobe.backbones import preprocessing, resolve_layers, resolve_weights
-    from featprobe.decoding import resolve_decode
-    from featprobe.stream import default_workers, resolve_device, resolve_precision
-
-    layers = resolve_layers(backbone, layers)
-    choice = resolve_weights(backbone, weights)
-    pre = preprocessing(backbone, choice, image_size)
-    dev = resolve_device(sharding.device_for(shard, device))
-    prec = resolve_precision(precision, dev)
-    if workers is None and shard.local_count > 1 and dev.type == "cuda":
-        workers = max(1, default_workers(dev) // shard.local_count)  # ranks share the cores
-    decode = resolve_decode(decode, dev, workers)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "backbone": backbone,
-        "weights": choice.identity,
-        "layers": layers,
-        "preprocessing": pre,
-        "dtype": dtype,
-        "precision": prec,
-        "dataset_fingerprint": fingerprint,
-    }
-    name, key = cache_name(backbone, config)
-    final = directory / (name + ".h5")
+    job = _resolve(ds, s, directory, shard, fingerprint)  # imports torch and torchvision
+    final = job.partial.final
     if final.exists():
         # parts left by a run killed between the final rename and their removal
-        shutil.rmtree(PartialCache(final).dir, ignore_errors=True)
+        shutil.rmtree(job.partial.dir, ignore_errors=True)
         _remember(directory, request, final)
-        return _reuse(final, on_error)
+        return _reuse(final, s.on_error)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FeatprobeError(f"cannot create cache directory {directory}: {e.strerror}") from None
-    partial = PartialCache(final)
 
     def waiting():
-        print(f"another featprobe extract is writing {final.name}; waiting for it", file=sys.stderr)
+        log.info(f"another featprobe extract is writing {final.name}; waiting for it")
 
     if shard.whole:
-        with partial.locked(on_wait=waiting):
+        with job.partial.locked(on_wait=waiting):
             if final.exists():  # the other writer finished it
-                return _reuse(final, on_error)
-            _, builder = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype,
-                                      on_error, partial, config, key, batch_size, workers,
-                                      progress, shard, decode=decode, incremental=True)
-            partial.finish(builder)
-    else:
-        cache = _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error,
-                               partial, config, key, batch_size, workers, progress, shard, waiting,
-                               decode=decode)
-        if cache is None:
-            return None
+                return _reuse(final, s.on_error)
+            _, builder = _write_parts(job, incremental=True)
+            job.partial.finish(builder)
+    elif _extract_shard(job, waiting) is None:
+        return None
     _remember(directory, request, final)
-    return _reuse(final, on_error)
+    return _reuse(final, s.on_error)
 
 
-def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
-                   key, batch_size, workers, progress, shard, waiting,
-                   decode="cpu") -> FeatureCache | None:
+def _resolve(ds: Dataset, s: ExtractSettings, directory: Path, shard: sharding.Shard,
+             fingerprint: str) -> ExtractJob:
+    """Resolve the model, device, precision and decode path; name the cache."""
+    from featprobe.extraction.backbones import resolve_model
+    from featprobe.policy import default_workers, resolve_decode, resolve_device, resolve_precision
+
+    model = resolve_model(s.backbone, s.weights, s.layers, s.image_size)
+    dev = resolve_device(sharding.device_for(shard, s.device))
+    prec = resolve_precision(s.precision, dev)
+    workers = s.workers
+    if workers is None and shard.local_count > 1 and dev.type == "cuda":
+        workers = max(1, default_workers(dev) // shard.local_count)  # ranks share the cores
+    config = {
+        "format_version": FORMAT_VERSION,
+        "backbone": s.backbone,
+        "weights": model.weights.identity,
+        "layers": list(model.layers),
+        "preprocessing": model.preprocessing,
+        "dtype": s.dtype,
+        "precision": prec,
+        "dataset_fingerprint": fingerprint,
+    }
+    name, key = cache_name(s.backbone, config)
+    return ExtractJob(ds, model, dev, prec, s.dtype, s.on_error,
+                      resolve_decode(s.decode, dev, workers), workers, s.batch_size, s.progress,
+                      shard, PartialCache(directory / (name + ".h5")), config, key)
+
+
+def _extract_shard(job: ExtractJob, waiting) -> FeatureCache | None:
     """One shard's parts; then the last shard (or torchrun's rank 0 after a barrier) merges."""
-    from featprobe.cache import merge
-    from featprobe.sharding import ProcessGroup
-
-    group = ProcessGroup(shard, dev.type)
+    shard, partial = job.shard, job.partial
+    group = sharding.ProcessGroup(shard, job.device.type)
     try:
         with partial.locked(on_wait=waiting, name=f"lock-shard-{shard.index}-of-{shard.count}"):
-            n_parts, _ = _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype,
-                                      on_error, partial, config, key, batch_size, workers,
-                                      progress and (not shard.torchrun or shard.index == 0),
-                                      shard, decode=decode)
+            quiet = shard.torchrun and shard.index != 0
+            n_parts, _ = _write_parts(replace(job, progress=job.progress and not quiet))
         group.barrier()  # torchrun: every rank's parts are on disk past this line
         if shard.torchrun:
             if shard.index == 0:
@@ -171,17 +177,16 @@ def _extract_shard(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error
             return FeatureCache(partial.final)
         missing = partial.missing_parts(n_parts) if not partial.final.exists() else []
         if missing:
-            print(f"shard {shard} done; {len(missing)} of {n_parts} parts are still to come from "
-                  f"other shards. When they finish, the last one merges; or run: featprobe merge "
-                  f"{partial.final}", file=sys.stderr)
+            log.info(f"shard {shard} done; {len(missing)} of {n_parts} parts are still to come "
+                     "from other shards. When they finish, the last one merges; or run: "
+                     f"featprobe merge {partial.final}")
             return None
         return merge(partial.final, on_wait=waiting)
     finally:
         group.close()
 
 
-def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial, config,
-                 key, batch_size, workers, progress, shard, decode="cpu", incremental=False):
+def _write_parts(job: ExtractJob, incremental: bool = False):
     """Compute this shard's parts that are still missing; return ``(parts in all, builder)``.
 
     ``incremental`` (one writer for the whole dataset): copy parts into the final HDF5 file as
@@ -190,33 +195,37 @@ def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, 
     import torch
     import torchvision
 
-    from featprobe.backbones import weights_sha256
-    from featprobe.stream import default_batch_size, run_parts
+    from featprobe.extraction.stream import run_parts
+    from featprobe.extraction.weights import weights_sha256
+    from featprobe.policy import default_batch_size
 
-    manifest = partial.manifest(config, batch_size or default_batch_size(dev), len(ds))
+    partial, shard, choice, ds = job.partial, job.shard, job.model.weights, job.ds
+    manifest = partial.manifest(job.config, job.batch_size or default_batch_size(job.device),
+                                len(ds))
     part_rows = manifest["part_rows"]
-    if batch_size and batch_size != part_rows:
-        print(f"resuming with the batch size this cache began with ({part_rows})", file=sys.stderr)
+    if job.batch_size and job.batch_size != part_rows:
+        log.info(f"resuming with the batch size this cache began with ({part_rows})")
     n_parts = -(-len(ds) // part_rows)
     mine = shard.parts(n_parts)
     done = partial.done_parts()
     todo = [k for k in mine if k not in done]
     if len(todo) < len(mine):
         what = "batches" if shard.whole else f"batches of shard {shard}"
-        print(f"resuming {partial.final.name}: {len(mine) - len(todo)}/{len(mine)} {what} "
-              "already done", file=sys.stderr)
+        log.info(f"resuming {partial.final.name}: {len(mine) - len(todo)}/{len(mine)} {what} "
+                 "already done")
+    dev = job.device
     attrs = {
-        **{k: v for k, v in config.items() if k != "weights"},
+        **{k: v for k, v in job.config.items() if k != "weights"},
         "weights": choice.name if choice.kind != "file" else "file",
         "weights_id": choice.identity,
         "weights_file": choice.name if choice.kind == "file" else "",
         "weights_sha256": weights_sha256(choice) or "",
-        "cache_key": key,
+        "cache_key": job.key,
         "featprobe_version": __version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        "decode": decode,  # not in the cache key: cpu and gpu agree within docs' tolerance
+        "decode": job.decode,  # not in the cache key: cpu and gpu agree within docs' tolerance
         "source": ds.source,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -224,8 +233,7 @@ def _write_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, 
     builder = partial.builder() if incremental else None
     try:
         if todo:
-            run_parts(ds, backbone, choice, layers, pre, dev, prec, dtype, on_error, partial,
-                      part_rows, todo, workers, progress, decode=decode, builder=builder)
+            run_parts(job, part_rows, todo, builder=builder)
     except BaseException:
         if builder is not None:
             builder.abort()
@@ -239,14 +247,13 @@ def _gpu_visible() -> bool:
     return os.path.exists("/dev/nvidiactl") and cvd not in ("", "-1")
 
 
-def _request_key(backbone, weights, layers, image_size, dtype, precision, device,
-                 fingerprint) -> str:
+def _request_key(s: ExtractSettings, fingerprint: str) -> str:
     """What the user asked for, hashed without torch. Maps to the cache it produced.
 
     A local weights file enters by path, size and mtime; torchvision's version enters because
     ``DEFAULT`` may mean other weights in another release. Any doubt only costs a slow path.
     """
-    w = str(weights)
+    w = str(s.weights)
     if w.lower() != "none" and Path(w).expanduser().is_file():
         st = Path(w).expanduser().stat()
         w = f"{Path(w).expanduser().resolve()}:{st.st_size}:{st.st_mtime_ns}"
@@ -254,8 +261,10 @@ def _request_key(backbone, weights, layers, image_size, dtype, precision, device
         tv = metadata.version("torchvision")
     except metadata.PackageNotFoundError:
         tv = "?"
-    facts = [FORMAT_VERSION, __version__, tv, backbone, w, layers, image_size, dtype, precision,
-             device, _gpu_visible() if "auto" in (device, precision) else None, fingerprint]
+    layers = list(s.layers) if s.layers else None
+    facts = [FORMAT_VERSION, __version__, tv, s.backbone, w, layers, s.image_size, s.dtype,
+             s.precision, s.device, _gpu_visible() if "auto" in (s.device, s.precision) else None,
+             fingerprint]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:32]
 
 

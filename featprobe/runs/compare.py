@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from featprobe.errors import FeatprobeError
-from featprobe.runs import read_runs
+from featprobe.plain import to_plain
+from featprobe.runs.records import read_runs
 
 __all__ = ["FORMATS", "compare", "format_table", "plot"]
 
@@ -221,14 +222,6 @@ def _display(df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     return pd.DataFrame(rows, columns=show), numeric & set(show)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
     """``df`` (from :func:`compare`) as ``table``, ``markdown``, ``csv`` or ``json`` text.
 
@@ -239,7 +232,7 @@ def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
-        records = [{k: _plain(v) for k, v in row.items()} for row in df.to_dict("records")]
+        records = [to_plain(row) for row in df.to_dict("records")]
         return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     if fmt not in FORMATS:
         raise FeatprobeError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

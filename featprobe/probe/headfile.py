@@ -5,8 +5,8 @@ Layout of a head file (an ordinary ``np.savez`` archive, readable with
 
 - ``__meta__``: 0-d unicode array, JSON object: ``format_version``, ``featprobe_version``,
   ``head`` (registry name), ``estimator_class``, ``standardize``, ``params`` (as
-  :func:`featprobe.heads.head_params`), ``library_versions``, plus the caller's keys (classes,
-  layer, backbone, weights, preprocessing, ...).
+  :func:`featprobe.probe.registry.head_params`), ``library_versions``, plus the caller's keys
+  (classes, layer, backbone, weights, preprocessing, ...).
 - ``__state__``: 0-d unicode array, JSON object describing how to rebuild the estimator:
   for each step its class (from an allow-list), ``get_params()`` and every fitted attribute,
   either inline JSON or the name of an array in the archive (``s<step>.<attribute>``).
@@ -37,17 +37,21 @@ from sklearn.utils.validation import check_is_fitted
 
 from featprobe import __version__
 from featprobe.errors import FeatprobeError
-from featprobe.heads import LinearHead, MLPHead, head_name, head_params
+from featprobe.plain import is_plain, to_plain
+from featprobe.probe.registry import head_name, head_params
+from featprobe.probe.torch_heads import LinearHead, MLPHead
 
 __all__ = ["ALLOWED_CLASSES", "FORMAT_VERSION", "load_head", "save_head"]
 
 FORMAT_VERSION = 1
 
+# The names a head file gives classes: a stable part of the format (0.1.0's module names), not
+# where the classes live today.
 ALLOWED_CLASSES: dict[str, type] = {
     "featprobe.heads.LinearHead": LinearHead,
     "featprobe.heads.MLPHead": MLPHead,
     "sklearn.linear_model.LogisticRegression": LogisticRegression,
-    # the out-of-core stand-in for logreg / svm (featprobe.outofcore)
+    # the out-of-core stand-in for logreg / svm (featprobe.probe.outofcore)
     "sklearn.linear_model.SGDClassifier": SGDClassifier,
     "sklearn.svm.LinearSVC": LinearSVC,
     "sklearn.svm.SVC": SVC,
@@ -77,27 +81,13 @@ def _class_name(est: Any) -> str:
     return name
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
-
-
 def _encode_params(est: BaseEstimator, skip: tuple[str, ...] = ()) -> dict:
     params = {}
     for k, v in est.get_params(deep=False).items():
         if k in skip:
             continue
         v = v.item() if isinstance(v, np.generic) else v
-        try:
-            ok = json.loads(json.dumps(v)) == v
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        if not is_plain(v):
             raise FeatprobeError(
                 f"cannot save {type(est).__name__}: parameter {k}={v!r} is not plain JSON"
             )
@@ -199,8 +189,8 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
         },
     }
     try:
-        theirs = json.loads(json.dumps(dict(meta), default=_json_default))
-    except (TypeError, ValueError) as e:
+        theirs = to_plain(dict(meta))
+    except TypeError as e:
         raise FeatprobeError(f"head metadata is not JSON-serialisable: {e}") from e
     for k in _RESERVED:
         if k in theirs and theirs[k] != own[k]:

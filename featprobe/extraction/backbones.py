@@ -13,25 +13,25 @@ control (seeded, so it is reproducible); a path loads a local state dict with
 
 from __future__ import annotations
 
-import hashlib
-import os
 import urllib.error
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlparse
+from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms._presets import ImageClassification
 
 from featprobe.errors import FeatprobeError
+from featprobe.extraction.pixels import IMAGENET_MEAN, IMAGENET_STD
+from featprobe.extraction.weights import (
+    WeightsChoice,
+    checkpoint_path,
+    load_state_dict,
+    resolve_weights,
+    weights_enum,
+)
 
 PENULTIMATE = "penultimate"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -115,63 +115,27 @@ def resolve_layers(name: str, layers: list[str] | tuple[str, ...] | None) -> lis
     return out
 
 
-# ----------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------- the resolved model
 
 
-@dataclass(frozen=True)
-class WeightsChoice:
-    """What ``--weights`` resolved to, known without building the model.
+@dataclass(frozen=True, eq=False)
+class FeatureModel:
+    """A frozen feature extractor, resolved and checked before any image is read: what the
+    features depend on (apart from the device and precision they are computed with)."""
 
-    ``identity`` enters the cache key: the torchvision enum name (whose file name carries a hash
-    prefix) or the SHA-256 of a local file.
-    """
-
-    kind: str  # "torchvision" | "none" | "file"
-    name: str  # e.g. IMAGENET1K_V1, none, or the file path
-    identity: str
-    enum: object = field(default=None, compare=False, repr=False)
+    backbone: str
+    weights: WeightsChoice
+    layers: tuple[str, ...]
+    preprocessing: dict
 
 
-def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> WeightsChoice:
-    _check_name(backbone)
-    arg = "DEFAULT" if weights is None else str(weights)
-    if arg.lower() == "none":
-        return WeightsChoice("none", "none", "none")
-    enum_cls = _weights_enum(backbone)
-    if enum_cls is not None and (arg == "DEFAULT" or arg in enum_cls.__members__):
-        w = enum_cls[arg] if arg != "DEFAULT" else enum_cls.DEFAULT
-        return WeightsChoice("torchvision", w.name, f"{enum_cls.__name__}.{w.name}", w)
-    p = Path(arg).expanduser()
-    if p.is_file():
-        return WeightsChoice("file", str(p.resolve()), "sha256:" + sha256_file(p))
-    names = (", ".join(["DEFAULT", *(m for m in enum_cls.__members__ if m != "DEFAULT")])
-             if enum_cls else "(none published)")
-    if any(sep in arg for sep in ("/", os.sep)) or arg.endswith((".pth", ".pt", ".bin")):
-        raise FeatprobeError(f"weights file not found: {arg}")
-    raise FeatprobeError(
-        f"unknown weights {arg!r} for {backbone}: use {names}, none, or a path to a state dict"
-    )
-
-
-def _weights_enum(backbone: str):
-    try:
-        return torchvision.models.get_model_weights(backbone)
-    except (ValueError, KeyError):
-        return None
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_path(enum_weights) -> Path:
-    """Where torchvision's loader looks for an enum's file before downloading it."""
-    filename = os.path.basename(urlparse(enum_weights.url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+def resolve_model(backbone: str, weights=None, layers=None,
+                  image_size: int | None = None) -> FeatureModel:
+    """Check the backbone name, the layers and the weights; work out the preprocessing."""
+    layers = resolve_layers(backbone, layers)
+    choice = resolve_weights(backbone, weights)
+    return FeatureModel(backbone, choice, tuple(layers), preprocessing(backbone, choice,
+                                                                        image_size))
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -189,7 +153,7 @@ def preprocessing(
     """
     enum = choice.enum
     if enum is None:
-        enum_cls = _weights_enum(backbone)
+        enum_cls = weights_enum(backbone)
         enum = enum_cls.DEFAULT if enum_cls is not None else None
     if enum is not None:
         t = enum.transforms()
@@ -219,29 +183,7 @@ def preprocessing(
     return pre
 
 
-def make_transform(pre: dict) -> ImageClassification:
-    """torchvision's own ImageClassification preset, rebuilt from recorded preprocessing facts."""
-    return ImageClassification(
-        crop_size=pre["crop_size"][0],
-        resize_size=pre["resize_size"][0] if pre["resize_size"] else None,
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
-        interpolation=InterpolationMode(pre["interpolation"]),
-        antialias=pre["antialias"],
-    )
-
-
 # ----------------------------------------------------------------------------- the model
-
-
-def weights_sha256(choice: WeightsChoice) -> str | None:
-    """SHA-256 of the file behind the weights (None for random init or a missing file)."""
-    if choice.kind == "file":
-        return choice.identity.removeprefix("sha256:")
-    if choice.kind == "torchvision":
-        path = checkpoint_path(choice.enum)
-        return sha256_file(path) if path.is_file() else None
-    return None
 
 
 def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
@@ -311,22 +253,6 @@ def _weights_on_meta(backbone: str, enum, state_fn) -> nn.Module | None:
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return None
     return model
-
-
-def load_state_dict(path: str | os.PathLike) -> dict:
-    """A state dict from a local file, refusing anything that would need pickle to execute code."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FeatprobeError(
-            f"cannot load weights {path} safely (weights_only=True): {first}"
-        ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FeatprobeError(f"weights file {path} does not hold a state dict of tensors")
-    return obj
 
 
 def _matching(load, path: str, backbone: str):
@@ -428,8 +354,8 @@ __all__ = [
     "Layer",
     "WeightsChoice",
     "build_model",
-    "make_transform",
     "preprocessing",
     "resolve_layers",
-    "resolve_weights",
+    "FeatureModel",
+    "resolve_model",
 ]

@@ -2,17 +2,16 @@
 
 Every fit and baseline run appends one JSON object, on one line, to ``runs.jsonl`` in the
 cache directory; ``compare`` reads them back. The file is only ever appended to, under an
-exclusive ``flock``, so any number of concurrent processes can log to it safely, and
-featprobe never rewrites or truncates it. The record schema is documented in docs/runs.md.
+exclusive file lock (``runs.jsonl.lock``, through filelock), so any number of concurrent
+processes can log to it safely, and featprobe never rewrites or truncates it. The record
+schema is documented in docs/runs.md.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import sys
@@ -23,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from featprobe.errors import FeatprobeError
+from featprobe.plain import to_plain
 
 __all__ = ["RUNS_FILE", "RECORD_FIELDS", "append_run", "compute_metrics", "make_record",
            "read_runs"]
@@ -108,25 +109,6 @@ def _versions() -> dict:
     }
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` as plain JSON types: numpy scalars/arrays unwrapped, NaN/inf as None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _plain(obj.item())
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    raise TypeError(f"run record value {obj!r} of type {type(obj).__name__} is not JSON")
-
-
 def make_record(**fields: Any) -> dict:
     """A run record: every schema field present (None if not given), plus any extras.
 
@@ -147,7 +129,7 @@ def make_record(**fields: Any) -> dict:
     if kind == "baseline":
         record.update(_BASELINE_DEFAULTS)
     record.update(fields)
-    return _plain(record)
+    return to_plain(record)
 
 
 def _runs_path(directory_or_file: str | os.PathLike) -> Path:
@@ -158,32 +140,35 @@ def _runs_path(directory_or_file: str | os.PathLike) -> Path:
 def append_run(directory: str | os.PathLike, record: dict) -> Path:
     """Append ``record`` as one JSON line to ``<directory>/runs.jsonl``; return that path.
 
-    Safe with many concurrent writers: O_APPEND, an exclusive flock around one write,
-    fsync. If the file ends in a partial line (a writer killed mid-write) a newline is written
-    first, so the new record stays intact and only the damaged line is reported by read_runs.
+    Safe with many concurrent writers: one write under the log's file lock, then fsync. If
+    the file ends in a partial line (a writer killed mid-write) a newline is written first, so
+    the new record stays intact and only the damaged line is reported by read_runs.
     """
     path = _runs_path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(_plain(record), ensure_ascii=False, allow_nan=False) + "\n"
+    line = json.dumps(to_plain(record), ensure_ascii=False, allow_nan=False) + "\n"
     data = line.encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(path), open(path, "ab") as f:
+            if f.tell() and _last_byte(path) != b"\n":
                 data = b"\n" + data
-            written = os.write(fd, data)
-            while written < len(data):  # short writes only on odd filesystems; still locked
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as exc:
         raise FeatprobeError(f"cannot append to {path}: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
     return path
+
+
+def _lock(path: Path) -> FileLock:
+    """The runs log's lock: a file beside it, held for one append or one read."""
+    return FileLock(path.with_name(path.name + ".lock"))
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
@@ -194,18 +179,20 @@ def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
     line number; featprobe never repairs the file itself. Blank lines are ignored.
     """
     path = _runs_path(directory_or_file)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    if not path.exists():
         return []
+    try:
+        lock = _lock(path)
+        lock.acquire()  # never see a line half-written by append_run
+    except OSError:
+        lock = None  # a folder we cannot write to: nobody appends there through featprobe
+    try:
+        raw = path.read_bytes()
     except OSError as exc:
         raise FeatprobeError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # never see a line half-written by append_run
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            raw = fh.read()
     finally:
-        os.close(fd)  # closing releases the lock
+        if lock is not None:
+            lock.release()
 
     lines = raw.split(b"\n")
     unterminated = lines[-1] != b""  # the last line has no trailing newline

@@ -8,12 +8,12 @@ hardware JPEG engines, beside the forward pass), then resizes, centre-crops, con
 normalises there with ``torchvision.transforms.v2.functional`` on tensors.
 
 What the tensor decoder takes is decided by sniffing the bytes (:func:`sniff`): an 8-bit,
-3-component, Huffman-coded (baseline or progressive) JPEG that ends with its EOI marker and
-carries no EXIF rotation. Anything else — PNG, WebP, GIF, CMYK/YCCK, grayscale, 12-bit,
-arithmetic-coded, EXIF-rotated, truncated, unreadable — goes through the PIL path
-(:func:`featprobe.images.load_rgb` + the weights' transform) for that image only, so a batch can
-be mixed and a bad file gets the same reason string as on the CPU path. A JPEG that passes the
-sniff but that the tensor decoder rejects is retried through PIL too.
+3-component, Huffman-coded (baseline or progressive) JPEG that ends with its EOI marker and carries
+no EXIF rotation. Anything else — PNG, WebP, GIF, CMYK/YCCK, grayscale, 12-bit, arithmetic-coded,
+EXIF-rotated, truncated, unreadable — goes through the PIL path
+(:func:`featprobe.extraction.images.load_rgb` + the weights' transform) for that image only, so a
+batch can be mixed and a bad file gets the same reason string as on the CPU path. A JPEG that passes
+the sniff but that the tensor decoder rejects is retried through PIL too.
 
 Tolerance (measured on CPU tensors in ``tests/test_decoding.py``; ``bench/gpu_check.sh`` measures
 it on CUDA): libjpeg-turbo decodes the same pixels as PIL, the tensor resize differs from PIL's
@@ -35,42 +35,12 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from featprobe import pixels
-from featprobe.errors import FeatprobeError
-from featprobe.images import BadImage, load_rgb
-
-DECODES = ("auto", "cpu", "gpu")
+from featprobe.extraction import pixels
+from featprobe.extraction.images import BadImage, load_rgb
 
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
 _SOF_OK = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
 _RGB_IDS = (ord("R"), ord("G"), ord("B"))
-
-
-# PIL workers decode and resize a 500x375 JPEG at ~500 img/s per core (measured on the 16-core
-# H100 host: 15 workers, 7,516 img/s), and on that GPU nvjpeg shares the stream with the forward
-# pass (VGG16 bf16: 45 ms a batch of 256, plus 17 ms decoding). So with 8+ workers the CPU path
-# feeds the GPU better (steady stream 1.00 of model-only vs 0.66); below that, decode on the GPU.
-GPU_DECODE_BELOW_WORKERS = 8
-
-
-def resolve_decode(decode: str, device: torch.device, workers: int | None = None) -> str:
-    """``auto``: PIL workers (``cpu``), except on CUDA with fewer than 8 decode workers (``gpu``).
-
-    ``workers`` is the DataLoader worker count the run will use (None: the device's default).
-    ``gpu`` on a CPU device is allowed: the same tensor path with torchvision's CPU JPEG decoder
-    in the main process (what the tests exercise; slower than ``cpu`` there).
-    """
-    if decode not in DECODES:
-        raise FeatprobeError(f"unknown decode {decode!r}: use {', '.join(DECODES)}")
-    if decode == "auto":
-        if device.type != "cuda":
-            return "cpu"
-        if workers is None:
-            from featprobe.stream import default_workers
-
-            workers = default_workers(device)
-        return "gpu" if workers < GPU_DECODE_BELOW_WORKERS else "cpu"
-    return decode
 
 
 # ----------------------------------------------------------------------------- sniffing
@@ -175,8 +145,8 @@ def preprocess(images: Sequence[torch.Tensor], pre: dict) -> torch.Tensor:
     """uint8 [3, H, W] images → uint8 crops [B, 3, h, w], on their device.
 
     The weights' own preprocessing facts, in the order of torchvision's ``ImageClassification``
-    preset (so the PIL path and this one differ only where the resize kernels do): shorter side
-    to ``resize_size`` (uint8 out), centre crop; :func:`featprobe.pixels.normalize` does the
+    preset (so the PIL path and this one differ only where the resize kernels do): shorter side to
+    ``resize_size`` (uint8 out), centre crop; :func:`featprobe.extraction.pixels.normalize` does the
     rest. Same-sized images are resized together, one kernel call per size.
     """
     from torchvision.transforms import InterpolationMode
@@ -203,7 +173,7 @@ def preprocess(images: Sequence[torch.Tensor], pre: dict) -> torch.Tensor:
 
 
 def pil_input(data: bytes, transform, size: int) -> tuple[torch.Tensor, str]:
-    """One image through the PIL path, from its bytes, with a :func:`featprobe.pixels.
+    """One image through the PIL path, from its bytes, with a :func:`featprobe.extraction.pixels.
     pixel_transform`: (uint8 [3, s, s], "") or (zeros, reason)."""
     try:
         return transform(load_rgb(io.BytesIO(data))), ""
@@ -231,7 +201,7 @@ def decode_batch(datas: Sequence[bytes], pre: dict, device="cpu", transform=None
     """Raw file bytes → (model input [B, 3, h, w] float on ``device``, per-image reasons).
 
     JPEGs the tensor decoder takes are decoded on ``device`` in one batched call; the rest (and
-    any it rejects) go through PIL one by one (``transform``: a :func:`featprobe.pixels.
+    any it rejects) go through PIL one by one (``transform``: a :func:`featprobe.extraction.pixels.
     pixel_transform`). ``reasons[i]`` is "" for a good image; a bad one gets zero pixels and
     PIL's reason, as on the CPU path (zeros in the result).
     """
@@ -278,7 +248,7 @@ class EncodedRows(torch.utils.data.Dataset):
     decoding.
 
     A DataLoader worker only reads the file and sniffs it; files the tensor decoder will not take
-    are decoded and cropped here with PIL and ``transform`` (a :func:`featprobe.pixels.
+    are decoded and cropped here with PIL and ``transform`` (a :func:`featprobe.extraction.pixels.
     pixel_transform`: the CPU path, with its reasons for bad files).
     """
 
@@ -329,7 +299,7 @@ def collate_encoded(items):
 def assemble(batch, pre: dict, device: torch.device, transform=None,
              ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A :func:`collate_encoded` batch → ``(index, uint8 crops [B, 3, h, w] on device, reasons)``
-    (:func:`featprobe.pixels.normalize` makes them the model's input).
+    (:func:`featprobe.extraction.pixels.normalize` makes them the model's input).
 
     The JPEGs are decoded on ``device`` in one batched call; the PIL rows are copied
     (non-blocking from pinned memory); JPEGs the decoder rejects fall back to PIL here.

@@ -1,0 +1,235 @@
+"""Row sources: where the torch heads' training loop gets its minibatches.
+
+A row source has ``n`` and ``d``, ``batches(gen, batch_size, device)`` (one epoch of
+``(x float32 [k, D], y class indices [k])`` on the device, in an order drawn from ``gen``),
+``set_targets(y_idx)`` and ``check_finite()``. :class:`ArrayRows` holds its rows in memory (the
+cache's float16 rows, converted a minibatch at a time); :class:`BlockRows` reads them from the
+HDF5 cache in shuffled blocks under a memory budget (:mod:`featprobe.probe.outofcore`).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featprobe.cache.reader import chunk_rows, row_ranges, span_rows
+from featprobe.cache.reader import read_rows as read_dataset_rows
+from featprobe.errors import FeatprobeError
+
+BLOCK_BYTES = 2 << 20  # target size of one read: whole HDF5 row chunks, about 2 MiB
+MIN_BLOCKS = 16  # a shuffle buffer holds at least this many blocks (smaller blocks if need be)
+SCAN_BYTES = 32 << 20  # sequential passes (statistics, scoring) read at most this at a time
+_CHECK_BYTES = 64 << 20  # the finiteness scan converts at most this much at a time
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy view of a numpy array; read-only arrays (memmaps) are fine, we never write."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(a)
+
+
+def check_finite_rows(X: np.ndarray) -> None:
+    """Slow, exact scan; only run once training or inference has produced a non-finite value."""
+    Xt = as_tensor(X)
+    step = max(1, _CHECK_BYTES // (4 * max(1, X.shape[1])))
+    for s in range(0, X.shape[0], step):
+        if not bool(torch.isfinite(Xt[s : s + step]).all()):
+            raise ValueError("Input X contains NaN or infinity.")
+
+
+def _onto(x: torch.Tensor, device: torch.device, shift, scale) -> torch.Tensor:
+    """Gathered rows as float32 on ``device``, standardised when ``shift``/``scale`` are set."""
+    x = x.to(device=device, dtype=torch.float32)
+    return x if shift is None else (x - shift) * scale
+
+
+class ArrayRows:
+    """Rows held in memory (float16 or float32, never copied whole): a permutation per epoch."""
+
+    def __init__(self, X: np.ndarray, y_idx=None):
+        self.X = X
+        self.n, self.d = X.shape
+        self.y = None if y_idx is None else torch.as_tensor(np.asarray(y_idx), dtype=torch.long)
+
+    def set_targets(self, y_idx) -> None:
+        self.y = torch.as_tensor(np.asarray(y_idx), dtype=torch.long)
+
+    def batches(self, gen: torch.Generator, batch_size: int, device: torch.device):
+        if getattr(self, "_device_X", None) is None or self._device_X.device != device:
+            # one transfer per fit, in the stored dtype (float16 stays float16); CPU: a view
+            self._device_X = as_tensor(self.X).to(device)
+        X, y = self._device_X, self.y.to(device)
+        perm = torch.randperm(self.n, generator=gen).to(device)
+        for idx in perm.split(batch_size):
+            yield X[idx].float(), y[idx]
+
+    def check_finite(self) -> None:
+        check_finite_rows(self.X)
+
+
+def open_layer(path, layer):
+    f = h5py.File(path, "r")
+    try:
+        ds = f["features"][layer]
+    except KeyError:
+        f.close()
+        raise FeatprobeError(f"layer {layer!r} is not in {path}") from None
+    return f, ds
+
+
+def _read_selected(ds, lo, hi, rows, out, at, scratch):
+    """Rows ``rows`` (sorted, all in ``[lo, hi)``) → ``out[at : at + len(rows)]``."""
+    k = len(rows)
+    if k == hi - lo:  # the whole range is wanted: read straight into place
+        ds.read_direct(out, np.s_[lo:hi], np.s_[at : at + k])
+    else:
+        ds.read_direct(scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
+        np.take(scratch, rows - lo, axis=0, out=out[at : at + k])
+    return k
+
+
+def read_rows(path, layer: str, rows) -> np.ndarray:
+    """The given rows of ``features/<layer>``, in the given order, as stored.
+
+    Reads chunk-aligned ranges of ~32 MiB (:func:`featprobe.cache.reader.read_rows`), so memory
+    is the result plus one range (not a copy of the whole dataset).
+    """
+    f, ds = open_layer(path, layer)
+    with f:
+        return read_dataset_rows(ds, rows, SCAN_BYTES)
+
+
+class BlockRows:
+    """A row source for the torch training loop that reads an HDF5 layer in shuffled blocks.
+
+    Parameters
+    ----------
+    path, layer
+        The cache file and layer.
+    rows : array of int
+        The rows to train on (e.g. the split's train rows); used in sorted order.
+    y : array
+        Their labels, aligned with ``rows``.
+    buffer_bytes : int
+        Size of the shuffle buffer (rows as stored).
+    """
+
+    def __init__(self, path, layer: str, rows, y, buffer_bytes: int,
+                 scan_bytes: int = SCAN_BYTES, progress: bool = False):
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        self.rows, self.y = rows[order], np.asarray(y)[order]
+        self.path, self.layer, self.progress = Path(path), layer, progress
+        self._f, self._ds = open_layer(path, layer)
+        self.n, self.d = len(self.rows), self._ds.shape[1]
+        self.dtype = self._ds.dtype
+        self.row_bytes = self.d * self.dtype.itemsize
+        self.scan_bytes = scan_bytes
+        # Blocks: whole chunks of ~BLOCK_BYTES, but at least MIN_BLOCKS per buffer (then a
+        # fraction of a chunk: HDF5 reads the chunk once into its cache and copies part).
+        buffer_rows = max(1, int(buffer_bytes) // self.row_bytes)
+        chunk = chunk_rows(self._ds)
+        self.block_rows = span_rows(self._ds, BLOCK_BYTES)
+        if self.block_rows * MIN_BLOCKS > buffer_rows:
+            most = max(1, buffer_rows // MIN_BLOCKS)
+            self.block_rows = chunk // -(-chunk // most) if most < chunk else most // chunk * chunk
+        self.blocks = list(row_ranges(self.rows, self.block_rows, self._ds.shape[0]))
+        self.buffer_rows = min(max(2 * self.block_rows, buffer_rows), self.n + self.block_rows)
+        self._scratch = np.empty((self.block_rows, self.d), dtype=self.dtype)
+        self._buf = None
+        self.shift = self.scale = None  # optional standardisation (float32 [D] tensors)
+
+    def close(self) -> None:
+        self._buf = self._lab = None
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def buffer_nbytes(self) -> int:
+        return self.buffer_rows * self.row_bytes
+
+    # ----- sequential passes
+
+    def scan(self):
+        """``(X_block, y_block)`` over all rows in file order, ~``scan_bytes`` at a time."""
+        span = span_rows(self._ds, self.scan_bytes)
+        out = np.empty((span, self.d), dtype=self.dtype)
+        scratch = np.empty((span, self.d), dtype=self.dtype)
+        for lo, hi, a, b in row_ranges(self.rows, span, self._ds.shape[0]):
+            k = _read_selected(self._ds, lo, hi, self.rows[a:b], out, 0, scratch)
+            yield out[:k], self.y[a:b]
+
+    def check_finite(self) -> None:
+        for xb, _ in self.scan():
+            if not np.isfinite(xb).all():
+                raise ValueError("Input X contains NaN or infinity.")
+
+    # ----- shuffled passes
+
+    def _buffers(self, min_rows: int = 0):
+        if self._buf is None:
+            self.buffer_rows = max(self.buffer_rows, self.block_rows + min_rows)
+            self._buf = np.empty((self.buffer_rows, self.d), dtype=self.dtype)
+            self._lab = np.empty(self.buffer_rows, dtype=np.int64)
+        return self._buf, self._lab
+
+    def fills(self, gen: torch.Generator, keep_multiple: int = 1):
+        """One epoch: yield ``(filled, perm, last)`` per buffer fill, blocks in random order.
+
+        ``buf[perm[:use]]`` are the rows to use now, with ``use`` a multiple of
+        ``keep_multiple`` except on the last fill; the caller must consume them before
+        advancing the generator, which then moves the remaining rows to the buffer's front.
+        Labels are class indices in ``self._lab`` (set by :meth:`set_targets`).
+        """
+        buf, lab = self._buffers(keep_multiple)
+        order = torch.randperm(len(self.blocks), generator=gen).tolist()
+        filled, i = 0, 0
+        bar = tqdm(total=self.n, unit="row", leave=False, disable=not self.progress or None,
+                   file=sys.stderr, desc="out-of-core epoch")
+        while True:
+            while i < len(order):
+                lo, hi, a, b = self.blocks[order[i]]
+                if filled + (b - a) > self.buffer_rows:
+                    break
+                _read_selected(self._ds, lo, hi, self.rows[a:b], buf, filled, self._scratch)
+                lab[filled : filled + b - a] = self._targets[a:b]
+                filled += b - a
+                i += 1
+            last = i == len(order)
+            perm = torch.randperm(filled, generator=gen)
+            use = filled if last else filled // keep_multiple * keep_multiple
+            yield filled, perm, use
+            bar.update(use)
+            if last:
+                break
+            rest = perm[use:].numpy()
+            buf[: len(rest)] = buf[rest]
+            lab[: len(rest)] = lab[rest]
+            filled = len(rest)
+        bar.close()
+
+    def set_targets(self, y_idx) -> None:
+        self._targets = np.asarray(y_idx, dtype=np.int64)
+
+    def batches(self, gen: torch.Generator, batch_size: int, device: torch.device):
+        """One epoch of minibatches drawn from shuffled buffer fills (see :meth:`fills`)."""
+        shift = None if self.shift is None else self.shift.to(device)
+        scale = None if self.scale is None else self.scale.to(device)
+        for filled, perm, use in self.fills(gen, keep_multiple=batch_size):
+            x = torch.from_numpy(self._buf[:filled])
+            y = torch.from_numpy(self._lab[:filled])
+            if device.type != "cpu":
+                x, y, perm = x.to(device), y.to(device), perm.to(device)
+            for idx in perm[:use].split(batch_size):
+                yield _onto(x[idx], device, shift, scale), y[idx]

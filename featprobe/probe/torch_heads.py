@@ -1,0 +1,393 @@
+"""The torch heads: :class:`LinearHead` and :class:`MLPHead`, scikit-learn estimators trained
+with autograd and ``torch.optim`` on minibatches of cached features.
+
+One training loop serves both, and it trains ``G`` heads side by side: each head has its own
+parameter tensors, in an optimiser parameter group of its own learning rate and weight decay,
+and every head sees the same initialisation and the same minibatches. A lone fit is ``G = 1``;
+:func:`featprobe.probe.sweeps.sweep_linear` is ``G = 12`` in one pass over the features (the
+DINOv2 linear-eval recipe). Rows come from a *row source* (:mod:`featprobe.probe.rows`): in
+memory, or read from the HDF5 cache in shuffled blocks; float16 features are converted to
+float32 a minibatch at a time, never as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from featprobe.policy import resolve_device
+from featprobe.probe.rows import ArrayRows, as_tensor, check_finite_rows
+
+__all__ = ["LinearHead", "MLPHead"]
+
+# Inference converts at most this many bytes of rows at a time.
+_PREDICT_BYTES = 64 << 20
+
+
+def _seed(random_state: int | None) -> int:
+    if random_state is None:  # fresh entropy, without touching any global RNG
+        return int(np.random.SeedSequence().entropy % (2**63))
+    return int(random_state)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def _uniform(gen: torch.Generator, fan_in: int, *shape: int) -> torch.Tensor:
+    """``nn.Linear``'s default initialisation, from a local generator."""
+    bound = 1 / math.sqrt(fan_in)
+    return torch.empty(*shape).uniform_(-bound, bound, generator=gen)
+
+
+class _TorchHead(ClassifierMixin, BaseEstimator):
+    """Validation, the training loop and inference shared by the torch heads.
+
+    Subclasses say what one head's parameters are (``_init``, with ``_decayed`` marking those
+    that get weight decay), the forward pass (``_forward``) and how the parameters are stored
+    as learned attributes (``_store``, ``_stored``).
+    """
+
+    _decayed: tuple[bool, ...] = ()
+
+    # ----- parameters and input
+
+    def _check_params(self) -> None:
+        def pos_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+
+        def real(name, low_open):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < 0 or (low_open and v == 0):
+                low = ">" if low_open else ">="
+                raise ValueError(f"{name} must be a number {low} 0; got {v!r}")
+
+        pos_int("epochs")
+        pos_int("batch_size")
+        real("lr", True)
+        real("weight_decay", False)
+        rs = self.random_state
+        if rs is not None and (
+            not isinstance(rs, numbers.Integral) or isinstance(rs, bool) or rs < 0
+        ):
+            raise ValueError(f"random_state must be a non-negative integer or None; got {rs!r}")
+        resolve_device(self.device, error=ValueError)
+
+    def _validate_X(self, X, reset: bool):
+        # non-finite values are checked for free by the loss / logits (see _train, _logits)
+        return validate_data(self, X, reset=reset, dtype=[np.float32, np.float16], order="C",
+                             ensure_all_finite=False)
+
+    def _set_classes(self, y) -> np.ndarray:
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
+                f"({self.classes_[0]!r})"
+            )
+        return y_idx
+
+    def _validate_fit(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """Validate X, y and set ``classes_``, ``n_features_in_``; return X and class indices."""
+        self._check_params()
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float16], order="C",
+                             ensure_all_finite=False)
+        return X, self._set_classes(y)
+
+    # ----- training
+
+    def _optimizer(self, params: list[list[torch.Tensor]], lrs, wds) -> torch.optim.Optimizer:
+        """One parameter group per distinct (lr, weight decay); biases get no weight decay."""
+        groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+        for head, lr, wd in zip(params, lrs, wds):
+            for p, decay in zip(head, self._decayed):
+                groups.setdefault((float(lr), float(wd) if decay else 0.0), []).append(p)
+        cls = torch.optim.Adam if getattr(self, "optimizer", "adamw") == "adam" else \
+            torch.optim.AdamW
+        return cls([{"params": ps, "lr": lr, "weight_decay": wd}
+                    for (lr, wd), ps in groups.items()], foreach=True)
+
+    def _stacked_logits(self, params: list[list[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+        """``[k, G, C]``: every head's logits for the rows ``x``."""
+        return torch.stack([self._forward(p, x, train=True) for p in params], dim=1)
+
+    def _train(self, rows, lrs: Sequence[float], wds: Sequence[float]
+               ) -> tuple[list[list[torch.Tensor]], np.ndarray]:
+        """Train ``len(lrs)`` heads side by side on the minibatches of ``rows`` (a row source).
+
+        Returns each head's parameters (CPU tensors) and the mean training loss of each
+        epoch, ``[epochs, G]``. Head ``g`` gets what a lone fit with ``lrs[g], wds[g]`` would:
+        the same initialisation, minibatch order and update, up to float32 rounding.
+        """
+        device = resolve_device(self.device)
+        n_classes, n_heads = len(self.classes_), len(lrs)
+        gen = torch.Generator().manual_seed(_seed(self.random_state))  # CPU: same on any device
+        init = self._init(rows.d, n_classes, gen)
+        self._dropout_gen = torch.Generator(device=device)
+        self._dropout_gen.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+        params = [[t.to(device, copy=True).requires_grad_() for t in init] for _ in range(n_heads)]
+        opt = self._optimizer(params, lrs, wds)
+        bs = min(self.batch_size, rows.n)
+        curve = torch.zeros(self.epochs, n_heads, device=device)  # summed loss per epoch
+        for epoch in range(self.epochs):
+            for x, y in rows.batches(gen, bs, device):
+                logits = self._stacked_logits(params, x)  # [k, G, C]
+                target = y[:, None].expand(-1, n_heads)
+                loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(0)
+                opt.zero_grad(set_to_none=True)
+                (loss.sum() / x.shape[0]).backward()  # each head: the gradient of its mean loss
+                opt.step()
+                curve[epoch] += loss.detach()
+            if epoch == 0 and not bool(torch.isfinite(curve[0]).all()):
+                rows.check_finite()  # raises if X is the culprit; else a head diverged
+        curve = (curve.double() / rows.n).cpu().numpy()
+        if not np.isfinite(curve[-1]).all():
+            warnings.warn(f"{type(self).__name__}: training diverged (loss is not finite); "
+                          "lower lr", ConvergenceWarning, stacklevel=3)
+        del self._dropout_gen
+        return [[t.detach().cpu() for t in head] for head in params], curve
+
+    def fit(self, X: ArrayLike, y: ArrayLike) -> _TorchHead:
+        """Fit the head.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features; float16 and float32 are used as they are (no full copy), anything else
+            is converted to float32.
+        y : array-like of shape (n_samples,)
+            Class labels, ints or strings.
+
+        Returns
+        -------
+        self
+        """
+        X, y_idx = self._validate_fit(X, y)
+        return self.fit_rows(ArrayRows(X, y_idx))
+
+    def fit_rows(self, rows, y=None) -> _TorchHead:
+        """Fit on a row source (:mod:`featprobe.probe.rows`); with ``y`` (the labels of its
+        rows, in its order) the classes are set here, else ``fit`` set them already."""
+        if y is not None:
+            self._check_params()
+            rows.set_targets(self._set_classes(y))
+            self.n_features_in_ = rows.d
+        params, curve = self._train(rows, [float(self.lr)], [float(self.weight_decay)])
+        self._store(params[0])
+        self.n_iter_ = int(self.epochs)
+        self.loss_curve_ = [float(v) for v in curve[:, 0]]
+        return self
+
+    # ----- what subclasses define
+
+    def _init(self, n_features: int, n_classes: int, gen: torch.Generator) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _forward(self, params, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _store(self, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _stored(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    # ----- inference
+
+    def _logits(self, X) -> np.ndarray:
+        """Logits ``[n, C]``: float64 on CPU (a row's result does not depend on its batch),
+        float32 on CUDA."""
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        device = resolve_device(self.device, error=ValueError)
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        params = [as_tensor(np.asarray(w)).to(device=device, dtype=dtype) for w in self._stored()]
+        out = np.empty((X.shape[0], len(self.classes_)), dtype=np.float64)
+        Xt = as_tensor(X)
+        step = max(1, _PREDICT_BYTES // (8 * X.shape[1]))
+        with torch.no_grad():
+            for s in range(0, X.shape[0], step):
+                xb = Xt[s : s + step].to(device=device, dtype=dtype)
+                out[s : s + step] = self._forward(params, xb).cpu().numpy()
+        if not np.isfinite(out).all():
+            check_finite_rows(X)
+        return out
+
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
+        """Binary: positive minus negative class logit (> 0 predicts ``classes_[1]``), shape
+        ``(n,)``; multiclass: the logits ``(n, C)``, columns in the order of ``classes_``."""
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
+        """Class probabilities (softmax of the logits), ``(n, C)`` in ``classes_`` order."""
+        return _softmax(self._logits(X))
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """The most probable class of each row, from ``classes_``."""
+        logits = self._logits(X)  # first: an unfitted head raises NotFittedError here
+        return self.classes_[np.argmax(logits, axis=1)]
+
+
+class LinearHead(_TorchHead):
+    """A linear probe: ``nn.Linear(D, C)`` trained with AdamW (or Adam) and cross-entropy.
+
+    Parameters
+    ----------
+    epochs : int, default=30
+        Passes over the training rows.
+    batch_size : int, default=128
+        Rows per minibatch (the last one of an epoch may be smaller).
+    lr : float, default=1e-3
+    weight_decay : float, default=1e-4
+        On the weight matrix, not the bias; decoupled for ``"adamw"``, an L2 term for ``"adam"``.
+    optimizer : {"adamw", "adam"}, default="adamw"
+    device : str, default="auto"
+        ``"auto"`` uses CUDA when available.
+    random_state : int or None, default=0
+        Seeds the initialisation and the minibatch order (a local generator; the global torch
+        RNG is untouched). Same input and seed give identical weights on CPU.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (C,)
+    coef_ : ndarray of shape (C, D), float32
+    intercept_ : ndarray of shape (C,), float32
+    n_features_in_ : int
+    n_iter_ : int
+        Epochs run.
+    loss_curve_ : list of float
+        Mean training cross-entropy of each epoch.
+    """
+
+    _decayed = (True, False)
+
+    def __init__(self, epochs: int = 30, batch_size: int = 128, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, optimizer: str = "adamw", device: str = "auto",
+                 random_state: int | None = 0):
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimizer = optimizer
+        self.device = device
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw'; got {self.optimizer!r}")
+
+    def _init(self, n_features, n_classes, gen):
+        return [_uniform(gen, n_features, n_classes, n_features),
+                _uniform(gen, n_features, n_classes)]
+
+    def _forward(self, params, x, train=False):
+        w, b = params
+        return torch.addmm(b, x, w.T)
+
+    def _stacked_logits(self, params, x):
+        # all heads in one matmul: their weights concatenated, [G * C, D]
+        w = torch.cat([p[0] for p in params])
+        b = torch.cat([p[1] for p in params])
+        return torch.addmm(b, x, w.T).view(x.shape[0], len(params), -1)
+
+    def _store(self, params):
+        self.coef_, self.intercept_ = params[0].numpy(), params[1].numpy()
+
+    def _stored(self):
+        return [self.coef_, self.intercept_]
+
+    def n_parameters(self, n_features: int, n_classes: int) -> int:
+        return (n_features + 1) * n_classes
+
+
+class MLPHead(_TorchHead):
+    """The VGG-style classifier head: Linear(D, hidden) → ReLU → Dropout → Linear(hidden, C).
+
+    Trained like :class:`LinearHead` (AdamW, cross-entropy, the same loop). Dropout masks come
+    from a generator seeded by ``random_state``, so fits are reproducible on CPU.
+
+    Parameters
+    ----------
+    hidden : int, default=4096
+    dropout : float, default=0.5
+        Drop probability, in [0, 1).
+    epochs, batch_size, lr, weight_decay, device, random_state
+        As for :class:`LinearHead`.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (C,)
+    coefs_ : list of ndarray
+        Weight matrices ``[hidden, D]`` and ``[C, hidden]`` (torch's ``[out, in]``), float32.
+    intercepts_ : list of ndarray
+        Biases ``[hidden]`` and ``[C]``.
+    n_features_in_, n_iter_, loss_curve_
+        As for :class:`LinearHead`.
+    """
+
+    _decayed = (True, False, True, False)
+
+    def __init__(self, hidden: int = 4096, dropout: float = 0.5, epochs: int = 30,
+                 batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 device: str = "auto", random_state: int | None = 0):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.device = device
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        h = self.hidden
+        if not isinstance(h, numbers.Integral) or isinstance(h, bool) or h < 1:
+            raise ValueError(f"hidden must be an integer >= 1; got {h!r}")
+        p = self.dropout
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p < 1:
+            raise ValueError(f"dropout must be a number in [0, 1); got {p!r}")
+
+    def _init(self, n_features, n_classes, gen):
+        out = []
+        for fan_in, fan_out in ((n_features, self.hidden), (self.hidden, n_classes)):
+            out += [_uniform(gen, fan_in, fan_out, fan_in), _uniform(gen, fan_in, fan_out)]
+        return out
+
+    def _forward(self, params, x, train=False):
+        w1, b1, w2, b2 = params
+        h = torch.relu(torch.addmm(b1, x, w1.T))
+        if train and self.dropout > 0:  # F.dropout takes no generator: the mask is drawn here
+            keep = torch.empty_like(h).bernoulli_(1 - self.dropout, generator=self._dropout_gen)
+            h = h * keep / (1 - self.dropout)
+        return torch.addmm(b2, h, w2.T)
+
+    def _store(self, params):
+        self.coefs_ = [params[0].numpy(), params[2].numpy()]
+        self.intercepts_ = [params[1].numpy(), params[3].numpy()]
+
+    def _stored(self):
+        return [self.coefs_[0], self.intercepts_[0], self.coefs_[1], self.intercepts_[1]]
+
+    def n_parameters(self, n_features: int, n_classes: int) -> int:
+        return (n_features + 1) * self.hidden + (self.hidden + 1) * n_classes

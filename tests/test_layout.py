@@ -1,0 +1,64 @@
+"""The package's shape, as docs/architecture.md states it: the two stages as sub-packages, no
+import cycle (imports inside functions count), lower layers never importing higher ones, no
+module over 500 lines, the package under 6,000, public torch and torchvision APIs only."""
+
+import re
+
+from layout import PACKAGE, cycles, graph, lines, modules
+
+# Lower layers first; a module may import its own layer or lower ones only.
+# The root package sits at the bottom: its __init__ holds __version__ and imports lazily.
+LAYERS = [
+    {"featprobe", "featprobe.errors", "featprobe.plain", "featprobe.faults", "featprobe.policy"},
+    {"featprobe.data", "featprobe.splits"},
+    {"featprobe.cache"},
+    {"featprobe.runs"},
+    {"featprobe.extraction", "featprobe.probe"},
+    {"featprobe.prediction", "featprobe.cnn_baseline"},
+    {"featprobe.cli", "featprobe.demo", "featprobe.__main__"},
+]
+
+
+def _layer(module: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if module in layer or any(module.startswith(m + ".") for m in layer - {"featprobe"}):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS")
+
+
+def test_no_import_cycles():
+    assert cycles(graph()) == []
+
+
+def test_lower_layers_never_import_higher_ones():
+    g = graph()
+    upward = [(a, b) for a, bs in g.items() for b in bs
+              if _layer(b) > _layer(a) and not b.startswith(a + ".")]
+    assert upward == []
+
+
+def test_the_stages_do_not_import_each_other():
+    g = graph()
+    crossing = [(a, b) for a, bs in g.items() for b in bs
+                if {a.split(".")[1:2][0] if "." in a else "", b.split(".")[1:2][0]
+                    if "." in b else ""} == {"extraction", "probe"}]
+    assert crossing == []
+
+
+def test_sizes():
+    sizes = {name: lines(path) for name, path in modules().items()}
+    assert max(sizes.values()) <= 500, max(sizes.items(), key=lambda kv: kv[1])
+    assert sum(sizes.values()) <= 6000
+
+
+def test_public_torch_apis_only():
+    private = re.compile(r"\b(torch|torchvision)(\.\w+)*\._(?!_)")
+    offenders = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert offenders == []
+
+
+def test_test_machinery_is_not_in_the_package():
+    text = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    for needle in ("os.fork(", "setrlimit", "os.setuid", "import fcntl"):
+        assert needle not in text
