@@ -66,18 +66,11 @@ def SmallCNN(
         raise FeatprobeError(f"image_size must be at least 4, got {image_size}")
     c1, c2 = channels
     side = image_size // 2 // 2
-    return nn.Sequential(
-        nn.Conv2d(3, c1, kernel_size=3, padding=1),
-        nn.BatchNorm2d(c1),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, 2),
-        nn.Conv2d(c1, c2, kernel_size=3, padding=1),
-        nn.BatchNorm2d(c2),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, 2),
-        nn.Flatten(),
-        nn.Linear(c2 * side * side, n_classes),
-    )
+    return nn.Sequential(nn.Conv2d(3, c1, kernel_size=3, padding=1), nn.BatchNorm2d(c1),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+                         nn.Conv2d(c1, c2, kernel_size=3, padding=1), nn.BatchNorm2d(c2),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2, 2), nn.Flatten(),
+                         nn.Linear(c2 * side * side, n_classes))
 
 
 def architecture(n_classes: int, image_size: int, channels: tuple[int, int] = CHANNELS) -> str:
@@ -183,22 +176,11 @@ def _check_args(image_size, epochs, batch_size, lr) -> None:
         raise FeatprobeError(f"lr must be a positive number, got {lr!r}")
 
 
-def baseline(
-    data: str | Path,
-    images: str | Path | None = None,
-    image_col: str | None = None,
-    label_col: str | None = None,
-    image_size: int = 224,
-    epochs: int = 15,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    cache_dir: str | Path | None = None,
-    device: str = "auto",
-    workers: int | None = None,
-    progress: bool = True,
-) -> dict:
+def baseline(data: str | Path, images: str | Path | None = None, image_col: str | None = None,
+             label_col: str | None = None, image_size: int = 224, epochs: int = 15,
+             batch_size: int = 128, lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.1,
+             cache_dir: str | Path | None = None, device: str = "auto", workers: int | None = None,
+             progress: bool = True) -> dict:
     """Train the small CNN from pixels on the shared split; append and return its run record.
 
     ``data``/``images``/``image_col``/``label_col`` are as for :func:`featprobe.data.load_dataset`.

@@ -141,13 +141,9 @@ def _pick_columns(
     return image_col, label_col
 
 
-def read_csv_dataset(
-    csv_path: str | Path,
-    images: str | Path | None = None,
-    image_col: str | None = None,
-    label_col: str | None = None,
-    labelled: bool = True,
-) -> Dataset:
+def read_csv_dataset(csv_path: str | Path, images: str | Path | None = None,
+                     image_col: str | None = None, label_col: str | None = None,
+                     labelled: bool = True) -> Dataset:
     """Read the tutorial format: a CSV with an image-name column and a label column.
 
     Images are looked up in ``images`` (default: ``images/`` next to the CSV). With exactly two
@@ -247,13 +243,8 @@ def _check(ds: Dataset) -> None:
         )
 
 
-def load_dataset(
-    data: str | Path,
-    images: str | Path | None = None,
-    image_col: str | None = None,
-    label_col: str | None = None,
-    labelled: bool = True,
-) -> Dataset:
+def load_dataset(data: str | Path, images: str | Path | None = None, image_col: str | None = None,
+                 label_col: str | None = None, labelled: bool = True) -> Dataset:
     """A CSV file (tutorial format) or a class-per-folder tree, decided by what ``data`` is."""
     p = Path(data)
     if p.is_dir():

@@ -29,18 +29,11 @@ def _weights_arg(meta: dict) -> str:
     return meta["weights"]
 
 
-def predict(
-    head_file: str | os.PathLike,
-    data: str | os.PathLike,
-    images: str | os.PathLike | None = None,
-    image_col: str | None = None,
-    label_col: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    progress: bool = True,
-) -> tuple[pd.DataFrame, float | None]:
+def predict(head_file: str | os.PathLike, data: str | os.PathLike,
+            images: str | os.PathLike | None = None, image_col: str | None = None,
+            label_col: str | None = None, out: str | os.PathLike | None = None,
+            device: str = "auto", batch_size: int | None = None, workers: int | None = None,
+            progress: bool = True) -> tuple[pd.DataFrame, float | None]:
     """Predict labels for images (a folder, a CSV, or a labelled CSV).
 
     Returns the DataFrame ``image_names, label, probability`` (plus ``true_label`` and ``error``

@@ -85,14 +85,8 @@ def _stratified(
     return rest, out
 
 
-def split(
-    ids: Sequence,
-    labels: Sequence,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    test_fraction: float = 0.0,
-    valid: Sequence[bool] | None = None,
-) -> Split:
+def split(ids: Sequence, labels: Sequence, val_fraction: float = 0.1, seed: int = 0,
+          test_fraction: float = 0.0, valid: Sequence[bool] | None = None) -> Split:
     """Deterministic stratified split of the valid rows.
 
     Rows are first put in a canonical order (sorted by id), so the result depends on the
@@ -160,13 +154,6 @@ def split(
         separators=(",", ":"),
     )
     digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-    return Split(
-        train=train,
-        val=val,
-        test=test,
-        n_invalid=n_invalid,
-        hash=digest,
-        val_fraction=float(val_fraction),
-        test_fraction=float(test_fraction),
-        seed=int(seed),
-    )
+    return Split(train=train, val=val, test=test, n_invalid=n_invalid, hash=digest,
+                 val_fraction=float(val_fraction), test_fraction=float(test_fraction),
+                 seed=int(seed))

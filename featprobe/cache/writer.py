@@ -390,16 +390,9 @@ def _create_once(path: Path, data: bytes) -> bool:
 
 
 
-def write_arrays(
-    path: str | os.PathLike,
-    ids: list[str],
-    labels: np.ndarray,
-    classes: list,
-    features: dict[str, np.ndarray],
-    meta: dict | None = None,
-    dtype: str = "float16",
-    rows_per_part: int = 4096,
-) -> FeatureCache:
+def write_arrays(path: str | os.PathLike, ids: list[str], labels: np.ndarray, classes: list,
+                 features: dict[str, np.ndarray], meta: dict | None = None, dtype: str = "float16",
+                 rows_per_part: int = 4096) -> FeatureCache:
     """Write features you already have (arrays or memmaps) as a featprobe cache.
 
     Goes through the same parts-then-consolidate path as ``extract``, so the result is

@@ -1,14 +1,9 @@
-"""The one registry of backbones: name → builder, the layers it can emit, preprocessing, weights.
+"""The one registry of backbones: the layers each can emit, its preprocessing, the model.
 
 Registered backbones state their layers (name → module path and dimension). Any other
 torchvision classification model works by name too: its default layer is ``penultimate``, the
-input of its last ``nn.Linear`` (what the classifier sees). A layer may also be given as a module
-path (``features.28``), whose output is flattened.
-
-Weights are resolved through torchvision's own enums, so ``DEFAULT`` or ``IMAGENET1K_V1`` load
-from ``$TORCH_HOME/hub/checkpoints/`` before trying to download. ``none`` is a random-init
-control (seeded, so it is reproducible); a path loads a local state dict with
-``weights_only=True``, strictly.
+input of its last ``nn.Linear``. A layer may also be a module path (``features.28``), flattened.
+Weights are :mod:`featprobe.extraction.weights`' concern.
 """
 
 from __future__ import annotations
@@ -66,12 +61,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("vgg16_bn", _VGG_LAYERS, ("pool5", "fc7"), "VGG16 with batch norm"),
         BackboneSpec("resnet18", {"avgpool": Layer("avgpool", 512)}, ("avgpool",), "ResNet-18"),
         BackboneSpec("resnet50", {"avgpool": Layer("avgpool", 2048)}, ("avgpool",), "ResNet-50"),
-        BackboneSpec(
-            "mobilenet_v2",
-            {"avgpool": Layer("classifier.1", 1280, use_input=True)},
-            ("avgpool",),
-            "MobileNetV2 (pooled 1280-d features)",
-        ),
+        BackboneSpec("mobilenet_v2", {"avgpool": Layer("classifier.1", 1280, use_input=True)},
+                     ("avgpool",), "MobileNetV2 (pooled 1280-d features)"),
     ]
 }
 
@@ -141,9 +132,7 @@ def resolve_model(backbone: str, weights=None, layers=None,
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def preprocessing(
-    backbone: str, choice: WeightsChoice, image_size: int | None = None
-) -> dict:
+def preprocessing(backbone: str, choice: WeightsChoice, image_size: int | None = None) -> dict:
     """The preprocessing, as JSON-able facts: from the weights' own ``transforms()``.
 
     Random-init and local-file weights use the architecture's DEFAULT weights' transforms (so a
@@ -157,23 +146,12 @@ def preprocessing(
         enum = enum_cls.DEFAULT if enum_cls is not None else None
     if enum is not None:
         t = enum.transforms()
-        pre = {
-            "resize_size": list(t.resize_size) if t.resize_size else None,
-            "crop_size": list(t.crop_size),
-            "mean": list(t.mean),
-            "std": list(t.std),
-            "interpolation": t.interpolation.value,
-            "antialias": bool(t.antialias),
-        }
+        pre = {"resize_size": list(t.resize_size) if t.resize_size else None,
+               "crop_size": list(t.crop_size), "mean": list(t.mean), "std": list(t.std),
+               "interpolation": t.interpolation.value, "antialias": bool(t.antialias)}
     else:
-        pre = {
-            "resize_size": [256],
-            "crop_size": [224],
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "interpolation": "bilinear",
-            "antialias": True,
-        }
+        pre = {"resize_size": [256], "crop_size": [224], "mean": list(IMAGENET_MEAN),
+               "std": list(IMAGENET_STD), "interpolation": "bilinear", "antialias": True}
     if image_size is not None:
         if image_size < 16:
             raise FeatprobeError(f"--image-size must be at least 16, got {image_size}")
@@ -189,16 +167,10 @@ def preprocessing(
 def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
     """The frozen model in eval mode, weights loaded as ``choice`` says.
 
-    Models whose weights are loaded (a torchvision enum or a file) are built on the meta device
-    and take the loaded tensors as they are (``load_state_dict(assign=True)``), skipping the
-    random initialisation they would otherwise run and overwrite. Measured on 2 CPU cores (init
-    / ``torch.load`` of the state dict): VGG16 2.11 / 0.32 s, ViT-B/16 0.85 / 0.22 s, resnet50
-    0.29 / 0.11 s, MobileNetV2 0.05 / 0.05 s; a VGG16 weights file now builds in 0.87-0.93 s
-    instead of 2.06-2.69 s. For an enum, torchvision's builder runs on meta (so the enum's own
-    constructor arguments apply; its load into meta tensors is a no-op) and the checkpoint is
-    read a second time, which still costs less than the init for every model above but
-    MobileNetV2 (a tie). Where something the state dict does not hold would stay on meta (a
-    non-persistent buffer), the model is built the ordinary way.
+    Models with loaded weights are built on the meta device and assigned the loaded tensors
+    (``load_state_dict(assign=True)``), skipping a random initialisation that would only be
+    overwritten: it pays 1.2 s of every VGG16 extract on 2 cores (bench/RESULTS.md). Where the
+    state dict leaves something on meta (a non-persistent buffer), the ordinary build runs.
     """
     if choice.kind == "torchvision":
         path = checkpoint_path(choice.enum)

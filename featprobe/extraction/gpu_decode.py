@@ -1,27 +1,14 @@
-"""GPU decoding: JPEG bytes → normalised model input on the device, PIL for everything else.
+"""GPU decoding: JPEG bytes decoded, resized and cropped on the device; PIL for everything else.
 
-The default decode path (``decode="cpu"``) is PIL in DataLoader workers (:mod:`featprobe.images`).
-On CUDA, 16 CPU cores decode ~1.8k JPEGs/s while the GPU runs VGG16 at ~7.9k images/s, so with
-``decode="gpu"`` the workers only read file bytes and the main process decodes each batch's
-JPEGs on the device in one batched call (nvjpeg; A100/H100 decode baseline JPEGs on their
-hardware JPEG engines, beside the forward pass), then resizes, centre-crops, converts and
-normalises there with ``torchvision.transforms.v2.functional`` on tensors.
-
-What the tensor decoder takes is decided by sniffing the bytes (:func:`sniff`): an 8-bit,
-3-component, Huffman-coded (baseline or progressive) JPEG that ends with its EOI marker and carries
-no EXIF rotation. Anything else — PNG, WebP, GIF, CMYK/YCCK, grayscale, 12-bit, arithmetic-coded,
-EXIF-rotated, truncated, unreadable — goes through the PIL path
-(:func:`featprobe.extraction.images.load_rgb` + the weights' transform) for that image only, so a
-batch can be mixed and a bad file gets the same reason string as on the CPU path. A JPEG that passes
-the sniff but that the tensor decoder rejects is retried through PIL too.
-
-Tolerance (measured on CPU tensors in ``tests/test_decoding.py``; ``bench/gpu_check.sh`` measures
-it on CUDA): libjpeg-turbo decodes the same pixels as PIL, the tensor resize differs from PIL's
-by at most one 8-bit level on a few pixels, i.e. normalised inputs within 1/255/std ≈ 0.018.
-Features then differ by a relative error well under 1% (see docs/guide.md, "GPU decoding").
-
-``torchvision.io.decode_jpeg`` is deprecated from torchvision 0.29 in favour of TorchCodec; it is
-called in exactly one place, :func:`decode_jpegs`, which silences that warning.
+With ``decode="gpu"`` DataLoader workers only read file bytes and this process decodes each
+batch's JPEGs on the device in one batched call (nvjpeg on CUDA), because 16 CPU cores decode
+~1.8k JPEGs/s while an H100 runs VGG16 at ~7.9k images/s. :func:`sniff` reads the markers to
+decide what the tensor decoder takes (8-bit 3-component Huffman JPEGs with an end marker and no
+EXIF rotation); anything else, and any JPEG the decoder rejects, goes through the PIL path for
+that image only, with the same reason strings for bad files. The tensor resize differs from
+PIL's by at most one 8-bit level on a few pixels (tests/test_decoding.py; docs/guide.md).
+``torchvision.io.decode_jpeg`` (deprecated in 0.29 for TorchCodec) is called in one place,
+:func:`decode_jpegs`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The one image → tensor path, shared by extraction, predict and the CNN baseline.
 
 Preprocessing is recorded as plain facts (``resize_size``, ``crop_size``, ``interpolation``,
-``antialias``, ``mean``, ``std``; :func:`featprobe.extraction.backbones.preprocessing` reads
-them from the weights' own ``transforms()``). torchvision's classification preset does resize →
-centre crop → ``/255`` → ``-mean`` → ``/std`` on each image; featprobe splits it at the crop:
-DataLoader workers (or the GPU decoder) produce ``uint8 [3, h, w]`` crops
-(:func:`pixel_transform`), and the batch is normalised once it is on the model's device
-(:func:`normalize`). Same operations, same order, same float32 arithmetic, so the result is
-bit-identical to the preset's (tested), but what crosses process boundaries and the
-host-to-device copy is a quarter of the float32 bytes (150 KB instead of 602 KB an image at
-224 px).
-
-A ``resize_size`` of one value resizes the shorter side (then the crop takes the centre); two
-values ``[h, w]`` resize to exactly that size (the CNN baseline's squashed input).
+``antialias``, ``mean``, ``std``). torchvision's classification preset is split at the crop:
+workers (or the GPU decoder) make ``uint8`` crops (:func:`pixel_transform`), and a batch is
+normalised on the model's device (:func:`normalize`): bit-identical to the preset (tested), with
+a quarter of the bytes crossing processes and the host-to-device copy. One ``resize_size``
+value resizes the shorter side; two (``[h, w]``) resize to exactly that (the CNN baseline).
 """
 
 from __future__ import annotations

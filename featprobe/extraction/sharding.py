@@ -1,15 +1,9 @@
 """Which rows this process extracts: one process, ``--shard i/n``, or a torchrun rank.
 
-Rows are split by *part*: the cache's manifest fixes the rows per part, and shard ``i`` of ``n``
-computes the parts ``k`` with ``k % n == i``. Parts never overlap and together cover every row
-exactly once, so there is no padding (as ``DistributedSampler`` adds) to leak into the cache,
-and any shard that finishes after the others can consolidate.
-
-Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the shard is the rank; the process group is
-initialised here when the caller has not done it (``gloo`` on CPU, ``nccl`` on CUDA), ranks
-wait at a barrier once their parts are written, rank 0 consolidates, and every rank returns the
-same cache. If a rank dies, torchrun stops the others and the job fails; rerunning the same
-command resumes from the parts already on disk.
+Shard ``i`` of ``n`` computes the parts ``k % n == i`` of the manifest's fixed part size: no
+padding (as ``DistributedSampler`` adds), no overlap, and any shard that finishes last can
+consolidate. Under ``torchrun`` the shard is the rank; ranks meet at a barrier, rank 0
+consolidates, every rank returns the cache, and a rerun after a dead rank resumes.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """The streaming loop: DataLoader → frozen model → writer thread → crash-safe parts.
 
-A DataLoader (workers, in order) decodes and crops to uint8; the batch is normalised on the model's
-device (:mod:`featprobe.extraction.pixels`); the model runs in eval mode under
-``torch.inference_mode()``; the features are cast to the cache's dtype on the device
-(:class:`StorageCast`) and go to a writer thread that saves each batch as one part (see
-:mod:`featprobe.cache.writer`), so decoding, the forward pass and disk writes overlap and memory
-stays flat in the number of images.
-
-What the main process does per batch is kept small, because on a GPU it is the critical path:
-at ~7,000 images/s a batch of 256 must be turned around in ~36 ms. The float32 → float16 cast
-and the storage-loss count that used to run in numpy here took 89 ms per VGG16 batch of 256
-(pool5 + fc7) on one core (``bench/extract_speed.py --post-only``); on the device they are
-nearly free, and on a CPU torch's cast is 2.6x faster than numpy's (bit-identical).
+Workers decode and crop to uint8; the batch is normalised on the model's device, run under
+``torch.inference_mode()``, cast to the cache's dtype on the device (:class:`StorageCast`) and
+handed to a writer thread that saves it as one part, so decoding, the forward pass and disk
+writes overlap and memory stays flat in the number of images. The main process's per-batch
+work is kept small: on a GPU it is the critical path (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -53,14 +46,9 @@ def image_loader(ds, pre, dev, decode, batches, workers):
         threads = torch.get_num_threads() if workers == 0 else 1
         rows = ImageRows(ds, transform, size, fill_dtype=torch.uint8, threads=threads)
         collate = None
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
+    loader = torch.utils.data.DataLoader(rows, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=collate, pin_memory=dev.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
     return loader, transform
 
 
@@ -241,12 +229,9 @@ def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None) ->
                 )
             valid = np.array([not r for r in reasons], dtype=bool)
             arrays = {"f_" + layer: feats[layer] for layer in layers}  # cast, bad rows zeroed
-            arrays.update(
-                start=np.int64(k * part_rows),
-                valid=valid,
-                bad_ids=np.array([ds.ids[rows[i]] for i in bad], dtype=str),
-                bad_reasons=np.array([reasons[i] for i in bad], dtype=str),
-            )
+            arrays.update(start=np.int64(k * part_rows), valid=valid,
+                          bad_ids=np.array([ds.ids[rows[i]] for i in bad], dtype=str),
+                          bad_reasons=np.array([reasons[i] for i in bad], dtype=str))
             crash_point("stream.batch_ready")  # computed, not yet handed to the writer
             writer.put(k, arrays)
     finally:

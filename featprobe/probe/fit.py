@@ -45,21 +45,11 @@ class FitSettings:
     params: dict = field(default_factory=dict)  # head parameters, e.g. {"epochs": 50}
 
 
-def fit(
-    cache: FeatureCache | str | os.PathLike,
-    head: str = "logreg",
-    layer: str | None = None,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    standardize: bool = False,
-    sweep: bool = False,
-    save: str | os.PathLike | None = None,
-    runs_dir: str | os.PathLike | None = None,
-    record: bool = True,
-    max_memory: str | int | None = None,
-    progress: bool = False,
-    **params: Any,
-) -> dict:
+def fit(cache: FeatureCache | str | os.PathLike, head: str = "logreg", layer: str | None = None,
+        seed: int = 0, val_fraction: float = 0.1, standardize: bool = False, sweep: bool = False,
+        save: str | os.PathLike | None = None, runs_dir: str | os.PathLike | None = None,
+        record: bool = True, max_memory: str | int | None = None, progress: bool = False,
+        **params: Any) -> dict:
     """Fit ``head`` on ``layer`` of a cache over the seeded stratified split; return the record.
 
     ``params`` go to the head (e.g. ``epochs=50``, ``C=0.1``); ``random_state`` defaults to

@@ -1,18 +1,11 @@
 """Save and load fitted heads as plain arrays plus JSON: one ``.npz`` file, no pickle.
 
-Layout of a head file (an ordinary ``np.savez`` archive, readable with
-``np.load(path, allow_pickle=False)``):
-
-- ``__meta__``: 0-d unicode array, JSON object: ``format_version``, ``featprobe_version``,
-  ``head`` (registry name), ``estimator_class``, ``standardize``, ``params`` (as
-  :func:`featprobe.probe.registry.head_params`), ``library_versions``, plus the caller's keys
-  (classes, layer, backbone, weights, preprocessing, ...).
-- ``__state__``: 0-d unicode array, JSON object describing how to rebuild the estimator:
-  for each step its class (from an allow-list), ``get_params()`` and every fitted attribute,
-  either inline JSON or the name of an array in the archive (``s<step>.<attribute>``).
-
-Only classes in :data:`ALLOWED_CLASSES` are ever constructed; a class name read from a file
-is looked up there, never imported.
+``__meta__`` (JSON) holds featprobe's keys (format version, head name, class, params, library
+versions) and the caller's (classes, layer, backbone, weights, preprocessing...); ``__state__``
+(JSON) says how to rebuild the estimator: per step its class, ``get_params()`` and every fitted
+attribute, inline or as the name of an array in the archive. Only classes in
+:data:`ALLOWED_CLASSES` are ever constructed; a name read from a file is looked up, never
+imported. docs/heads.md specifies the format.
 """
 
 from __future__ import annotations
@@ -59,15 +52,8 @@ ALLOWED_CLASSES: dict[str, type] = {
     "sklearn.pipeline.Pipeline": Pipeline,
 }
 _CLASS_NAMES = {cls: name for name, cls in ALLOWED_CLASSES.items()}
-_RESERVED = (
-    "format_version",
-    "featprobe_version",
-    "head",
-    "estimator_class",
-    "standardize",
-    "params",
-    "library_versions",
-)
+_RESERVED = ("format_version", "featprobe_version", "head", "estimator_class", "standardize",
+             "params", "library_versions")
 _JSON_SCALARS = (bool, int, float, str, type(None))
 # Fitted state that prediction never reads and that is not plain data: not saved.
 # (SGDClassifier's Cython loss object is needed only to continue partial_fit.)
@@ -132,26 +118,10 @@ def _encode_estimator(est: BaseEstimator, index: int, arrays: dict) -> dict:
 
 
 def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> Path:
-    """Write a fitted head (or ``Pipeline(StandardScaler, head)``) to one ``.npz`` file.
+    """Write a fitted head (or ``Pipeline(StandardScaler, head)``) to one ``.npz`` at ``path``.
 
-    The file is written under a temporary name in the same directory and renamed into
-    place, so a crash never leaves a partial file at ``path``.
-
-    Parameters
-    ----------
-    path : path-like
-        Destination, used as given (conventionally ``*.npz``).
-    estimator : estimator
-        A fitted registered head, or a pipeline of allowed steps ending in one.
-    meta : dict
-        JSON-able facts to keep with the head (classes, layer, backbone, weights,
-        preprocessing, ...). Stored alongside featprobe's own keys, which it may not
-        contradict.
-
-    Returns
-    -------
-    Path
-        The written file.
+    ``meta``: JSON-able facts kept with the head (it may not contradict featprobe's own keys).
+    Written under a temporary name and renamed, so a crash never leaves a partial file at ``path``.
     """
     path = Path(path)
     try:
@@ -253,20 +223,10 @@ def _build(cls_name: str, params: dict, where: str):
 
 
 def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
-    """Read a head written by :func:`save_head`.
+    """Read a head written by :func:`save_head`: ``(estimator, meta)``.
 
-    Returns
-    -------
-    estimator : estimator
-        The fitted head (or pipeline), predicting exactly as the saved one did.
-    meta : dict
-        featprobe's keys (``format_version``, ``head``, ``params``, ...) and the caller's.
-
-    Raises
-    ------
-    FeatprobeError
-        Missing file, not an ``.npz``, not a head file, written by a newer format, or
-        naming a class outside :data:`ALLOWED_CLASSES`.
+    Raises FeatprobeError for a missing file, a file that is not a head file or is written by a
+    newer format, or that names a class outside :data:`ALLOWED_CLASSES`.
     """
     path = Path(path)
     where = str(path)

@@ -1,32 +1,12 @@
-"""Out-of-core fitting: train heads from the HDF5 cache in shuffled blocks under a memory budget.
+"""Out-of-core fitting: heads trained from the HDF5 cache under a memory budget.
 
-The fit stage normally loads the split's rows into memory. When they would not fit the budget
-(``featprobe fit --max-memory``, default: half of the available RAM), :func:`fit_out_of_core`
-trains instead from the file:
-
-- **Reading.** The training rows (the split is over row indices; invalid rows are never read)
-  are read in *blocks*: ranges of contiguous rows aligned to the dataset's HDF5 row chunks
-  (~2 MiB each), so each read is a few whole chunks.
-- **Shuffling.** Each epoch visits the blocks in a fresh random order and fills a *shuffle
-  buffer* of many blocks; the buffer's rows are shuffled and cut into minibatches. Rows left
-  over (fewer than a batch) stay in the buffer for the next fill. The trade-off: minibatches
-  draw from ``buffer / block`` random blocks rather than from the whole set, so rows that are
-  stored next to each other (e.g. one class per folder) are somewhat correlated within a
-  buffer; with hundreds of blocks per buffer this costs no measurable accuracy (tested
-  against in-memory training), with a handful it would.
-- **Conversion.** The buffer holds rows as stored (float16); minibatch slices are converted to
-  float32 as in memory, and standardised on the fly with ``--standardize`` (mean and variance
-  from one streaming pass before training).
-- **Scoring** of train and val rows is streamed the same way.
-- ``logreg`` and ``svm`` have no such loop: over budget they fall back to
-  ``SGDClassifier(loss="log_loss" | "hinge").partial_fit`` on the same shuffled buffers, with a
-  one-line notice on stderr and ``record["out_of_core"]``.
-
-**The budget** bounds the feature data held in memory: the shuffle buffer, the blocks being
-read and converted, the float32 minibatch buffers, and the head's weights and optimiser state.
-The buffer gets 40% of what remains after the weights; the rest is headroom. The test
-(tests/test_outofcore.py) checks the process's peak RSS growth over its post-import baseline
-stays under the budget.
+When the split's rows would not fit the budget (``--max-memory``, default: half of the
+available RAM), torch heads train from a :class:`~featprobe.probe.rows.BlockRows` source
+(chunk-aligned blocks in a shuffle buffer, converted and standardised a minibatch at a time);
+heads registered with an ``sgd:<loss>`` stand-in fit ``SGDClassifier.partial_fit`` on the same
+buffers, with a notice. The budget covers the buffer, the blocks in flight, the minibatches and
+the head's weights and optimiser state: the buffer gets 40% of what remains after the weights.
+docs/heads.md explains the trade-offs; tests/test_outofcore.py checks the peak RSS.
 """
 
 from __future__ import annotations

@@ -27,19 +27,9 @@ SCORES = ("train_accuracy", "val_accuracy")
 
 @dataclass
 class SweepResult:
-    """Outcome of a sweep.
-
-    Attributes
-    ----------
-    grid : list of dict
-        One entry per grid point, in grid order: its parameters, ``train_accuracy`` and
-        ``val_accuracy``.
-    best : dict
-        The grid entry with the highest validation accuracy (ties → the earlier point).
-    best_estimator_ : estimator
-        A fitted head carrying the winner's parameters and weights.
-    estimators_ : list of estimator
-        Every grid point's fitted head, in grid order.
+    """Outcome of a sweep: ``grid`` (per point, in grid order: its parameters,
+    ``train_accuracy``, ``val_accuracy``), ``best`` (the point with the best val accuracy, ties to
+    the earlier), ``best_estimator_`` (fitted, the winner's) and ``estimators_`` (every point's).
     """
 
     grid: list[dict]

@@ -120,12 +120,9 @@ def make_record(**fields: Any) -> dict:
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
-    record.update(
-        run_id=uuid.uuid4().hex,
-        time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        params={},
-        versions=dict(_versions()),
-    )
+    record.update(run_id=uuid.uuid4().hex,
+                  time=datetime.now(timezone.utc).isoformat(timespec="seconds"), params={},
+                  versions=dict(_versions()))
     if kind == "baseline":
         record.update(_BASELINE_DEFAULTS)
     record.update(fields)
