@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featprobe.extraction import backbones  # noqa: E402
+from featprobe.extraction import backbones, pixels  # noqa: E402
 from featprobe.extraction.gpu_decode import decode_batch, sniff  # noqa: E402
 from featprobe.extraction.images import load_rgb  # noqa: E402
 from featprobe.policy import resolve_device  # noqa: E402
@@ -105,8 +105,9 @@ def main() -> None:
         ext, layer, choice = _model(backbone, weights, dev)
         pre = backbones.preprocessing(backbone, choice, args.image_size)
         if not pixels_done:  # one preprocessing for all (the same 256/224 ImageNet facts)
-            transform = backbones.make_transform(pre)
-            ref = torch.stack([transform(load_rgb(io.BytesIO(d))) for d in datas])
+            transform = pixels.pixel_transform(pre)
+            ref = pixels.normalize(torch.stack([transform(load_rgb(io.BytesIO(d)))
+                                                for d in datas]), pre)
             t = time.perf_counter()
             xs, reasons = [], []
             for s in range(0, len(datas), args.batch_size):

@@ -62,12 +62,10 @@ from featprobe.extraction.stream import (  # noqa: E402
     StorageCast,
     _PartWriter,
     _to_host,
-    default_workers,
     feature_batches,
     image_loader,
-    resolve_device,
-    resolve_precision,
 )
+from featprobe.policy import default_workers, resolve_device, resolve_precision  # noqa: E402
 
 W, H = 500, 375
 N_BASES = 32

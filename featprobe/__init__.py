@@ -24,7 +24,7 @@ _LAZY = {
     "baseline": ("featprobe.cnn_baseline", "baseline"),
     "compare": ("featprobe.runs.compare", "compare"),
     "predict": ("featprobe.prediction", "predict"),
-    "heads": ("featprobe.probe", None),
+    "heads": ("featprobe.heads", None),
 }
 
 __all__ = ["FeatprobeError", "__version__", *_LAZY]

@@ -1,9 +1,6 @@
-"""The ``featprobe`` command: a thin click layer over the library.
-
-Every command calls one library function; a :class:`FeatprobeError` becomes ``error: <msg>`` on
-stderr and exit code 2. Results go to stdout (for ``extract``, the cache path is the last line),
-progress and notes to stderr.
-"""
+"""The ``featprobe`` command: a thin click layer over the library. Each command calls one library
+function; a :class:`FeatprobeError` becomes ``error: <msg>`` on stderr and exit code 2. Results
+go to stdout (``extract``: the cache path last), progress and notes to stderr."""
 
 from __future__ import annotations
 
@@ -20,15 +17,12 @@ from featprobe.errors import FeatprobeError
 # the machine's problems, not featprobe's: a read-only place, a full disk, a file-size limit
 _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                        errno.EFBIG}
-
-
 _NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _usage_error(e: click.UsageError):
-    """click's usage errors in our format: one line, exit code 2, with where to look.
-
-    A bare ``featprobe`` (or a group without its subcommand) still prints the help."""
+    """click's usage errors in our format: one line, exit code 2, with where to look. A bare
+    ``featprobe`` (or a group without its subcommand) still prints the help."""
     if _NO_ARGS and isinstance(e, _NO_ARGS):
         raise e
     where = e.ctx.command_path if e.ctx is not None else "featprobe"
@@ -115,24 +109,35 @@ def _csv_list(value: str | None) -> list[str] | None:
 
 
 _cache_dir_option = click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where caches and runs.jsonl live (default: $FEATPROBE_CACHE or ./cache).",
-)
+    "--cache-dir", type=click.Path(file_okay=False), default=None,
+    help="Where caches and runs.jsonl live (default: $FEATPROBE_CACHE or ./cache).")
+_quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+
+
+def _data_options(command):
+    """DATA's options, shared by extract, baseline and predict."""
+    command = click.option("--label-col", help="CSV column with labels (auto-detected for two "
+                           "columns; for predict, true labels to score).")(command)
+    command = click.option("--image-col", help="CSV column with image names (auto-detected).")(
+        command)
+    return click.option("--images", type=click.Path(),
+                        help="Image folder for a CSV (default: images/ beside it).")(command)
+
+
+def _scores(rec: dict, digits: int = 2) -> None:
+    tr, va = rec["train"], rec["val"]
+    click.echo(f"train acc {_pct(tr['accuracy'])}   val acc {_pct(va['accuracy'])}   "
+               f"val balanced acc {_pct(va['balanced_accuracy'])}   "
+               f"val macro F1 {va['macro_f1']:.3f}   fit {rec['fit_seconds']:.{digits}f}s")
 
 
 @main.command()
 @click.argument("data", type=click.Path())
-@click.option("--images", type=click.Path(),
-              help="Image folder for a CSV (default: images/ beside it).")
-@click.option("--image-col", help="CSV column with image file names (auto-detected).")
-@click.option("--label-col", help="CSV column with labels (auto-detected for two columns).")
+@_data_options
 @click.option("--backbone", default="vgg16", show_default=True,
               help="Registered backbone or any torchvision classification model name.")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="DEFAULT, a torchvision weights name (IMAGENET1K_V1...), none, "
-              "or a state-dict path.")
+@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, a torchvision "
+              "weights name (IMAGENET1K_V1...), none, or a state-dict path.")
 @click.option("--layers", help="Comma-separated layers, e.g. pool5,fc7 (default: the backbone's).")
 @_cache_dir_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -157,7 +162,7 @@ _cache_dir_option = click.option(
               help="Compute only shard I of N (0-based), e.g. one task of a SLURM array; the "
               "last shard to finish merges (or run `featprobe merge`). Not with torchrun, "
               "whose ranks shard by themselves.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_quiet_option
 def extract(data, images, image_col, label_col, backbone, weights, layers, cache_dir, device,
             batch_size, workers, on_error, dtype, precision, decode, image_size, shard, quiet):
     """Run a frozen backbone over every image of DATA once and cache the features.
@@ -196,18 +201,13 @@ def info(cache, as_json):
     from featprobe.cache import FeatureCache
 
     c = FeatureCache(cache)
-    facts = {
-        "path": str(c.path),
-        "complete": True,
-        "rows": len(c),
-        "valid": c.n_valid,
-        "bad": len(c.bad),
-        "classes": c.classes,
-        "class_counts": {str(k): int((c.labels[c.valid] == i).sum())
-                         for i, k in enumerate(c.classes)},
-        "layers": {k: {"shape": list(c.shapes[k]), "dtype": str(c.dtypes[k])} for k in c.layers},
-        **{k: v for k, v in c.meta.items() if k not in ("layers", "complete", "n_valid")},
-    }
+    extra = {k: v for k, v in c.meta.items() if k not in ("layers", "complete", "n_valid")}
+    facts = {"path": str(c.path), "complete": True, "rows": len(c), "valid": c.n_valid,
+             "bad": len(c.bad), "classes": c.classes,
+             "class_counts": {str(k): int((c.labels[c.valid] == i).sum())
+                              for i, k in enumerate(c.classes)},
+             "layers": {k: {"shape": list(c.shapes[k]), "dtype": str(c.dtypes[k])}
+                        for k in c.layers}, **extra}
     if as_json:
         click.echo(json.dumps(facts, indent=1, default=str))
         return
@@ -216,9 +216,8 @@ def info(cache, as_json):
     click.echo("layers")
     for k, v in facts["layers"].items():
         click.echo(f"  {k:18} {tuple(v['shape'])} {v['dtype']}")
-    for key, value in sorted(c.meta.items()):
-        if key not in ("layers", "complete", "n_valid"):
-            click.echo(f"{key:20} {json.dumps(value) if not isinstance(value, str) else value}")
+    for key, value in sorted(extra.items()):
+        click.echo(f"{key:20} {json.dumps(value) if not isinstance(value, str) else value}")
     for image_id, reason in c.bad[:10]:
         click.echo(f"bad: {image_id}: {reason}")
 
@@ -341,7 +340,6 @@ def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batc
         from featprobe.probe.outofcore import describe
 
         click.echo(describe(rec["out_of_core"]), err=True)
-    tr, va = rec["train"], rec["val"]
     click.echo(f"{rec['backbone']}/{rec['weights']} {rec['layer']} {rec['head']}"
                f"{' (standardized)' if standardize else ''}  split {rec['split_hash']} "
                f"train {rec['n_train']} val {rec['n_val']}"
@@ -352,9 +350,7 @@ def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batc
             click.echo(f"  sweep {json.dumps(keys)}  train {_pct(g['train_accuracy'])}  "
                        f"val {_pct(g['val_accuracy'])}")
         click.echo(f"  best {json.dumps(rec['sweep']['best'])}")
-    click.echo(f"train acc {_pct(tr['accuracy'])}   val acc {_pct(va['accuracy'])}   "
-               f"val balanced acc {_pct(va['balanced_accuracy'])}   "
-               f"val macro F1 {va['macro_f1']:.3f}   fit {rec['fit_seconds']:.2f}s")
+    _scores(rec)
     if save:
         click.echo(f"saved {rec['saved_head']}")
 
@@ -371,9 +367,7 @@ def heads():
 
 @main.command()
 @click.argument("data", type=click.Path())
-@click.option("--images", type=click.Path(), help="Image folder for a CSV (default: images/).")
-@click.option("--image-col", help="CSV column with image names.")
-@click.option("--label-col", help="CSV column with labels.")
+@_data_options
 @click.option("--image-size", type=click.IntRange(8), default=224, show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
@@ -383,7 +377,7 @@ def heads():
 @_cache_dir_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0), help="Decoding worker processes.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_quiet_option
 def baseline(data, images, image_col, label_col, image_size, epochs, batch_size, lr, seed,
              val_fraction, cache_dir, device, workers, quiet):
     """Train the end-to-end CNN benchmark from pixels on the same split, and record it.
@@ -397,12 +391,9 @@ def baseline(data, images, image_col, label_col, image_size, epochs, batch_size,
               image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
               val_fraction=val_fraction, cache_dir=cache_dir, device=device, workers=workers,
               progress=_progress(quiet))
-    tr, va = rec["train"], rec["val"]
     click.echo(f"cnn baseline  split {rec['split_hash']} train {rec['n_train']} "
                f"val {rec['n_val']}")
-    click.echo(f"train acc {_pct(tr['accuracy'])}   val acc {_pct(va['accuracy'])}   "
-               f"val balanced acc {_pct(va['balanced_accuracy'])}   "
-               f"val macro F1 {va['macro_f1']:.3f}   fit {rec['fit_seconds']:.1f}s")
+    _scores(rec, digits=1)
 
 
 @main.command()
@@ -417,11 +408,10 @@ def compare(cache_dir, fmt, plot_path):
     Runs of the same backbone, weights, layer, head and parameters over several seeds are
     shown as mean ± std. CACHE_DIR defaults to $FEATPROBE_CACHE or ./cache.
     """
-    from featprobe.cache import default_cache_dir
     from featprobe.runs.compare import compare as table
     from featprobe.runs.compare import format_table, plot
 
-    df = table(cache_dir if cache_dir is not None else default_cache_dir())
+    df = table(cache_dir)
     if df.empty:
         raise FeatprobeError("no runs recorded yet: run `featprobe fit` or `featprobe baseline`")
     click.echo(format_table(df, fmt).rstrip("\n"))
@@ -432,15 +422,13 @@ def compare(cache_dir, fmt, plot_path):
 @main.command()
 @click.argument("head_file", type=click.Path())
 @click.argument("data", type=click.Path())
-@click.option("--images", type=click.Path(), help="Image folder for a CSV (default: images/).")
-@click.option("--image-col", help="CSV column with image names.")
-@click.option("--label-col", help="CSV column with true labels (to score them).")
+@_data_options
 @click.option("--out", type=click.Path(dir_okay=False), default="predictions.csv",
               show_default=True, help="Where to write image_names,label,probability.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--workers", type=click.IntRange(0))
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_quiet_option
 def predict(head_file, data, images, image_col, label_col, out, device, batch_size, workers,
             quiet):
     """Label new images with a saved head (from `featprobe fit --save`).
@@ -454,14 +442,13 @@ def predict(head_file, data, images, image_col, label_col, out, device, batch_si
     df, acc = run(head_file, data, images=images, image_col=image_col, label_col=label_col,
                   out=out, device=device, batch_size=batch_size, workers=workers,
                   progress=_progress(quiet))
+    n_bad = int((df["error"] != "").sum()) if "error" in df else 0
     if "error" in df:
-        n_bad = int((df["error"] != "").sum())
         click.echo(f"{n_bad} image(s) could not be read (see the error column)", err=True)
     counts = df["label"].value_counts()
     click.echo("predicted: " + ", ".join(f"{k}: {v}" for k, v in counts.items() if k != ""))
     if acc is not None:
-        n_ok = len(df) - (int((df["error"] != "").sum()) if "error" in df else 0)
-        click.echo(f"accuracy {_pct(acc)} on {n_ok} images")
+        click.echo(f"accuracy {_pct(acc)} on {len(df) - n_bad} images")
     click.echo(str(out))
 
 

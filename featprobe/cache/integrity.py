@@ -1,6 +1,4 @@
-"""Whole-cache operations: ``merge`` (consolidate shards' parts), ``verify`` (integrity) and
-``list_caches``.
-"""
+"""Whole-cache operations: ``merge`` (consolidate shards' parts), ``verify`` and ``list_caches``."""
 
 from __future__ import annotations
 
@@ -26,11 +24,8 @@ from featprobe.errors import FeatprobeError
 
 
 def merge(path: str | os.PathLike, on_wait=None) -> FeatureCache:
-    """Consolidate the parts that ``extract --shard i/n`` jobs wrote into the final cache.
-
-    ``path`` is the cache file the shards printed (``<name>.h5``) or its ``.partial`` folder.
-    Merging a cache that is already complete just opens it.
-    """
+    """Consolidate the parts that ``extract --shard i/n`` jobs wrote into the final cache; ``path``
+    is the ``<name>.h5`` the shards printed or its ``.partial`` folder."""
     p = Path(path)
     final = p.with_suffix(SUFFIX) if p.suffix == PARTIAL_SUFFIX else p
     partial = PartialCache(final)
@@ -53,58 +48,40 @@ def list_caches(directory: str | os.PathLike | None = None) -> list[dict]:
     for p in sorted(d.glob("*" + SUFFIX)):
         try:
             c = FeatureCache(p)
-            out.append({"path": str(p), "complete": True, "backbone": c.backbone,
-                        "weights": c.meta.get("weights"), "layers": c.layers, "n": len(c),
-                        "n_valid": c.n_valid})
+            out.append({"path": str(p), "complete": True, "backbone": c.backbone, "n": len(c),
+                        "weights": c.meta.get("weights"), "layers": c.layers, "n_valid": c.n_valid})
         except FeatprobeError as e:
             out.append({"path": str(p), "complete": False, "error": str(e)})
     for p in sorted(d.glob("*" + PARTIAL_SUFFIX)):
         if not p.with_suffix(SUFFIX).exists():
-            m = p / "manifest.json"
-            total = None
-            if m.exists():
-                man = json.loads(m.read_text())
-                total = -(-man["n_rows"] // man["part_rows"])
-            done = len(list(p.glob("part-*.npz")))
-            out.append({"path": str(p.with_suffix(SUFFIX)), "complete": False,
-                        "error": f"incomplete: {done}/{total if total else '?'} parts written"})
+            partial = PartialCache(p.with_suffix(SUFFIX))
+            total = partial.n_parts() if (p / "manifest.json").exists() else "?"
+            out.append({"path": str(partial.final), "complete": False,
+                        "error": f"incomplete: {len(partial.done_parts())}/{total} parts written"})
     return out
 
 
-
 def verify(path: str | os.PathLike, checksums: bool = True) -> dict:
-    """Check a cache's integrity; raise FeatprobeError naming the first problem found.
-
-    Checks completeness and format version (by opening it), that every array has one row per
-    id, that ``n_valid`` and ``/bad`` agree with ``/valid``, that labels index ``classes``, and
-    (``checksums=True``) that each layer's bytes still match the SHA-256 recorded when the
-    cache was consolidated — read in row blocks, so memory stays bounded.
-    """
+    """Check a cache's integrity; raise FeatprobeError naming the problems found. Opening it checks
+    completeness, format and row counts; this adds ``n_valid`` and ``/bad`` against ``/valid``, the
+    content address and (``checksums``) the rows' and layers' SHA-256."""
     cache = FeatureCache(path)
     n = len(cache)
     problems = []
-    if len(cache.labels) != n or len(cache.valid) != n:
-        problems.append(f"labels/valid have {len(cache.labels)}/{len(cache.valid)} rows, ids {n}")
-    if n and (cache.labels.min() < 0 or cache.labels.max() >= len(cache.classes)):
-        problems.append("labels outside the class list")
     if int(cache.meta.get("n_valid", -1)) != cache.n_valid:
         problems.append(f"n_valid says {cache.meta.get('n_valid')}, /valid has {cache.n_valid}")
     if len(cache.bad) != n - cache.n_valid:
         problems.append(f"/bad lists {len(cache.bad)} rows, /valid marks {n - cache.n_valid}")
     problems += check_identity(cache.meta)
     checked = {}
-    recorded_rows = cache.meta.get("rows_sha256")
-    if checksums and recorded_rows:  # caches made before it was recorded have none
+    if checksums and cache.meta.get("rows_sha256"):  # older caches have none
         got = rows_digest(cache.ids, cache.labels, cache.valid, cache.classes)
-        checked["rows"] = got == recorded_rows
+        checked["rows"] = got == cache.meta["rows_sha256"]
         if not checked["rows"]:
             problems.append("ids/labels/valid/classes do not match their recorded SHA-256")
     with read_errors(cache.path, "the features"), h5py.File(cache.path, "r") as f:
         for layer in cache.layers:
             ds = f["features"][layer]
-            if ds.shape[0] != n:
-                problems.append(f"features/{layer} has {ds.shape[0]} rows, ids {n}")
-                continue
             recorded = text(ds.attrs.get("sha256", ""))
             if not checksums or not recorded:
                 continue

@@ -1,6 +1,5 @@
 """Reading a complete cache: :class:`FeatureCache` (metadata and small arrays at open, features
-on demand) and chunk-aligned row reads with bounded memory.
-"""
+on demand) and chunk-aligned row reads with bounded memory."""
 
 from __future__ import annotations
 
@@ -17,11 +16,8 @@ from featprobe.errors import FeatprobeError
 
 
 class FeatureCache:
-    """A complete feature cache, opened read-only.
-
-    Small arrays (``ids``, ``labels``, ``valid``) are read at open; features are read on demand,
-    so opening a 60 GB cache costs nothing.
-    """
+    """A complete feature cache, opened read-only. Small arrays (``ids``, ``labels``, ``valid``)
+    are read at open; features on demand, so opening a huge cache costs nothing."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -30,15 +26,14 @@ class FeatureCache:
             if partial.is_dir():
                 raise FeatprobeError(
                     f"{self.path} is incomplete (an interrupted extract left {partial.name}/); "
-                    "rerun the same `featprobe extract` to finish it"
-                )
+                    "rerun the same `featprobe extract` to finish it")
             raise FeatprobeError(f"cache not found: {self.path}")
         try:
             with h5py.File(self.path, "r") as f:
                 attrs = dict(f.attrs)
                 self._check(attrs)
                 self.meta = {k: decode_attr(v) for k, v in attrs.items()}
-                self.ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+                self.ids = [text(s) for s in f["ids"][()]]
                 self.labels = f["labels"][()].astype(np.int64)
                 self.classes = json.loads(f["labels"].attrs["classes"])
                 self.valid = f["valid"][()].astype(bool)
@@ -60,8 +55,7 @@ class FeatureCache:
         if int(version) > FORMAT_VERSION:
             raise FeatprobeError(
                 f"{self.path} has cache format {int(version)}, newer than this featprobe reads "
-                f"({FORMAT_VERSION}); upgrade featprobe"
-            )
+                f"({FORMAT_VERSION}); upgrade featprobe")
         complete = attrs.get("complete", False)
         if not (isinstance(complete, (bool, np.bool_)) and complete):  # not "False" (truthy)
             raise FeatprobeError(f"{self.path} is incomplete; rerun the extract that made it")
@@ -105,25 +99,19 @@ class FeatureCache:
             return self.layers[0]
         if layer not in self.layers:
             raise FeatprobeError(
-                f"layer {layer!r} is not in {self.path.name}; it has {', '.join(self.layers)}"
-            )
+                f"layer {layer!r} is not in {self.path.name}; it has {', '.join(self.layers)}")
         return layer
 
     def features(self, layer: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
         """Features of ``layer`` (default: the first) as stored, all rows or the given ones."""
         layer = self._layer(layer)
         with read_errors(self.path, f"features/{layer}"), h5py.File(self.path, "r") as f:
-            ds = f["features"][layer]
-            if rows is None:
-                return ds[()]
-            return read_rows(ds, rows)  # chunk-aligned ranges: memory = result + 32 MiB
-
+            ds = f["features"][layer]  # rows: chunk-aligned ranges, memory = result + 32 MiB
+            return ds[()] if rows is None else read_rows(ds, rows)
 
 
 def chunk_rows(ds) -> int:
-    if ds.chunks:
-        return ds.chunks[0]
-    return max(1, (1 << 20) // (ds.shape[1] * ds.dtype.itemsize))
+    return ds.chunks[0] if ds.chunks else max(1, (1 << 20) // (ds.shape[1] * ds.dtype.itemsize))
 
 
 def row_ranges(sorted_rows: np.ndarray, span: int, n_total: int):
@@ -146,11 +134,8 @@ def span_rows(ds, nbytes: int) -> int:
 
 
 def read_rows(ds, rows, scan_bytes: int = 32 << 20) -> np.ndarray:
-    """Rows ``rows`` of the 2-D h5py dataset ``ds``, in the given order (repeats allowed).
-
-    Reads chunk-aligned ranges of about ``scan_bytes`` and scatters the wanted rows into the
-    result, so memory is the result plus one range, never a copy of the whole layer.
-    """
+    """Rows ``rows`` of the 2-D h5py dataset ``ds``, in the given order (repeats allowed); memory
+    is the result plus one chunk-aligned range of about ``scan_bytes``, never the whole layer."""
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
     for where, block in iter_rows(ds, rows, scan_bytes):

@@ -1,13 +1,7 @@
 """Writing a cache so that a killed run never leaves a file that reads as complete but is not.
-
-1. Features stream into ``<name>.partial/``: one ``part-NNNNNN.npz`` per batch, each written to a
-   temporary name, fsynced and atomically renamed. A killed run leaves only whole parts.
-2. When every part exists they are consolidated into ``<name>.h5.tmp-<pid>``, with
-   ``complete=True`` written last; the file is fsynced and renamed to ``<name>.h5``.
-3. Only then is the partial folder removed.
-
-So ``<name>.h5`` exists only when complete; rerunning the same extract resumes from the parts.
-"""
+Features stream into ``<name>.partial/`` as whole parts (written to a temporary name, fsynced,
+renamed); once all exist they are consolidated into ``<name>.h5.tmp-<pid>``, ``complete=True`` last,
+fsynced and renamed to ``<name>.h5``, and only then is the partial folder removed."""
 
 from __future__ import annotations
 
@@ -17,7 +11,7 @@ import json
 import os
 import re
 import shutil
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import h5py
@@ -29,23 +23,20 @@ from featprobe.cache.format import (
     PARTIAL_SUFFIX,
     STR,
     attr_value,
-    fsync_dir,
     json_attr,
     rows_digest,
 )
 from featprobe.cache.reader import FeatureCache
-from featprobe.errors import FeatprobeError
+from featprobe.errors import FeatprobeError, some
 from featprobe.faults import crash_point
+from featprobe.files import atomic_write, fsync_dir
 
 
 class _WriteGuard:
-    """A file for h5py's ``fileobj`` driver that fails once, then discards.
-
-    When a write fails (full disk, file-size limit), HDF5 cannot close the file: every later
-    flush fails too, and the interpreter crashes at exit. So the first failure is kept in
-    ``error`` (not raised into HDF5's C callbacks) and everything after it is dropped, letting
-    h5py close cleanly; the caller raises ``error`` and deletes the file.
-    """
+    """A file for h5py's ``fileobj`` driver that fails once, then discards. After a failed write
+    (full disk, file-size limit) HDF5 cannot close the file, and raising into its C callbacks
+    surfaces stale errors later: so the first failure is kept in ``error`` for the caller to raise,
+    and later writes are dropped so h5py closes cleanly."""
 
     def __init__(self, raw):
         self.raw = raw
@@ -56,10 +47,7 @@ class _WriteGuard:
             try:
                 return op(*args)
             except OSError as e:
-                # never raise into HDF5's C callbacks (it may report a stale, unrelated Python
-                # error later, seen as "FileIO has no attribute flush"); pretend it worked and
-                # let the caller raise self.error (checked after each copy and at the flush)
-                self.error = e
+                self.error = e  # the caller raises it (checked after each copy and at the flush)
         return done
 
     def write(self, b) -> int:
@@ -71,17 +59,8 @@ class _WriteGuard:
     def flush(self) -> None:
         self._guard(self.raw.flush)
 
-    def seek(self, *args) -> int:
-        return self.raw.seek(*args)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def read(self, *args) -> bytes:
-        return self.raw.read(*args)
-
-    def readinto(self, b) -> int:
-        return self.raw.readinto(b)
+    def __getattr__(self, name: str):  # seek, tell, read, readinto: the file's own
+        return getattr(self.raw, name)
 
 
 @contextmanager
@@ -102,13 +81,10 @@ def _h5_create(path: Path):
         os.fsync(raw.fileno())
 
 
-
 class PartialCache:
     """The in-progress side of a cache: a folder of whole parts, locked by one writer.
-
-    ``manifest.json`` records the configuration and the rows per part, so a resumed run uses the
-    same part boundaries even if ``--batch-size`` changed.
-    """
+    ``manifest.json`` fixes the rows per part, so a resumed run keeps the part boundaries even if
+    ``--batch-size`` changed."""
 
     def __init__(self, final: Path):
         self.final = final
@@ -116,13 +92,9 @@ class PartialCache:
 
     @contextmanager
     def locked(self, on_wait=None, name: str = "lock"):
-        """Hold a writer lock; a second extract of the same cache waits here.
-
-        ``lock`` guards a whole-dataset writer and consolidation; shard ``i/n`` writes its parts
-        under ``lock-shard-i-of-n``, so shards run side by side but never twice at once. The
-        lock files sit beside the cache (``<name>.h5.lock...``), not in the parts folder, which
-        the writer that finishes removes while others may be waiting.
-        """
+        """Hold a writer lock (``lock``, or ``lock-shard-i-of-n`` for one shard's parts); a second
+        writer waits here. Lock files sit beside the cache, not in the parts folder the finishing
+        writer removes."""
         self.dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.final.with_name(f"{self.final.name}.{name}"))
         try:
@@ -148,12 +120,9 @@ class PartialCache:
             raise FeatprobeError(f"{self.dir} belongs to a different extract; remove it")
         return m
 
-    def save_dataset(self, ids: list[str], labels: np.ndarray, classes: list,
-                     attrs: dict) -> None:
+    def save_dataset(self, ids: list[str], labels: np.ndarray, classes: list, attrs: dict) -> None:
         """What consolidation needs besides the parts, so ``featprobe merge`` needs nothing else.
-
-        Written once (by whichever shard gets there first); later writers keep the first.
-        """
+        Written once, by whichever shard gets there first."""
         path = self.dir / "dataset.npz"
         if not path.exists():
             buf = io.BytesIO()
@@ -168,25 +137,24 @@ class PartialCache:
         attrs = json.loads((self.dir / "attrs.json").read_text())
         return ids, labels, classes, attrs
 
+    def n_parts(self) -> int:
+        """How many parts the manifest (which must exist) divides the rows into."""
+        m = json.loads((self.dir / "manifest.json").read_text())
+        return -(-m["n_rows"] // m["part_rows"])
+
     def missing_parts(self, n_parts: int) -> list[int]:
         done = self.done_parts()
         return [k for k in range(n_parts) if k not in done]
 
     def finish(self, builder: H5Builder | None = None) -> Path:
-        """Consolidate a partial folder whose parts are all written (caller holds ``lock``).
-
-        ``builder``: the one that already copied the parts this run wrote (see ``extract``).
-        """
-        m = json.loads((self.dir / "manifest.json").read_text())
-        n_parts = -(-m["n_rows"] // m["part_rows"])
+        """Consolidate a partial folder whose parts are all written (caller holds ``lock``);
+        ``builder`` is the one that already copied the parts this run wrote, if any."""
+        n_parts = self.n_parts()
         missing = self.missing_parts(n_parts)
         if missing:
-            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
-            raise FeatprobeError(
-                f"{self.final.name}: {len(missing)} of {n_parts} parts are not written yet "
-                f"(parts {shown}); let every shard finish (or rerun the ones that failed), "
-                "then merge"
-            )
+            raise FeatprobeError(f"{self.final.name}: {len(missing)} of {n_parts} parts are not "
+                                 f"written yet (parts {some(missing, 8)}); let every shard finish (or rerun "
+                                 "the ones that failed), then merge")
         try:
             builder = builder if builder is not None and not builder.failed else self.builder()
             return builder.finish(self.load_dataset()[3])
@@ -198,8 +166,7 @@ class PartialCache:
                 tmp.unlink(missing_ok=True)  # give the space back now, not on the next run
             raise FeatprobeError(
                 f"could not write {self.final} ({os.strerror(code) if code else e}); the extracted "
-                f"parts are kept in {self.dir}: free space and rerun the same command"
-            ) from None
+                f"parts are kept in {self.dir}: free space and rerun the same command") from None
 
     def part_path(self, k: int) -> Path:
         return self.dir / f"part-{k:06d}.npz"
@@ -207,39 +174,25 @@ class PartialCache:
     def done_parts(self) -> set[int]:
         out = set()
         for p in self.dir.glob("part-*.npz"):
-            try:
+            with suppress(ValueError):
                 out.add(int(p.stem.split("-")[1]))
-            except ValueError:
-                pass
         return out
 
     def write_part(self, k: int, arrays: dict[str, np.ndarray]) -> None:
-        tmp = self.dir / f".part-{k:06d}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(self.part_path(k), crash="part.tmp_written") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        crash_point("part.tmp_written")
-        os.replace(tmp, self.part_path(k))
         crash_point("part.renamed")
 
     def read_part(self, k: int) -> dict[str, np.ndarray]:
         with np.load(self.part_path(k), allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
 
-    def consolidate(self, layers: list[str], ids: list[str], labels: np.ndarray, classes: list,
-                    attrs: dict, dtype: str, n_parts: int) -> Path:
-        """Parts → ``<name>.h5`` (atomically), then remove the partial folder."""
-        builder = H5Builder(self, layers, ids, labels, classes, dtype, n_parts)
-        return builder.finish(attrs)
-
     def builder(self) -> H5Builder:
         """An :class:`H5Builder` for this folder's manifest and dataset (caller holds ``lock``)."""
         m = json.loads((self.dir / "manifest.json").read_text())
         ids, labels, classes, _ = self.load_dataset()
         return H5Builder(self, m["config"]["layers"], ids, labels, classes,
-                         m["config"]["dtype"], -(-m["n_rows"] // m["part_rows"]))
-
+                         m["config"]["dtype"], self.n_parts())
 
 
 SYNC_EVERY = 256 << 20  # H5Builder fsyncs the file it builds every 256 MiB of features
@@ -247,13 +200,9 @@ SYNC_EVERY = 256 << 20  # H5Builder fsyncs the file it builds every 256 MiB of f
 
 class H5Builder:
     """Writes ``<name>.h5.tmp-<pid>`` part by part, in row order; :meth:`finish` completes it.
-
-    ``extract`` feeds it each part as the part is written (from memory, on the writer thread), so
-    the copy into HDF5 overlaps the forward pass instead of being a second pass over every byte
-    at the end; parts it did not see (done by an earlier, interrupted run) are read back from
-    disk in their turn. The parts stay the source of truth until the final rename: a kill at
-    any moment leaves a ``.tmp-`` file that the next run deletes and rebuilds.
-    """
+    ``extract`` feeds it parts as they are written, so the HDF5 copy overlaps the forward pass;
+    parts of an earlier run are read back from disk. Until the final rename the parts stay the
+    source of truth."""
 
     def __init__(self, partial: PartialCache, layers: list[str], ids: list[str],
                  labels: np.ndarray, classes: list, dtype: str, n_parts: int):
@@ -294,12 +243,9 @@ class H5Builder:
             x = part["f_" + layer]
             if layer not in self.datasets:
                 dim = x.shape[1]
-                size = np.dtype(self.dtype).itemsize
-                chunk = max(1, min(self.n, (1 << 20) // (dim * size)))
+                chunk = max(1, min(self.n, (1 << 20) // (dim * np.dtype(self.dtype).itemsize)))
                 self.datasets[layer] = self.f.create_dataset(
-                    f"features/{layer}", shape=(self.n, dim), dtype=self.dtype,
-                    chunks=(chunk, dim)
-                )
+                    f"features/{layer}", shape=(self.n, dim), dtype=self.dtype, chunks=(chunk, dim))
             self.datasets[layer][rows] = x
             if self.f.write_guard.error is not None:  # HDF5 may swallow it until the flush
                 raise self.f.write_guard.error
@@ -315,10 +261,8 @@ class H5Builder:
 
     def abort(self) -> None:
         """Close and delete the temporary file (the parts are untouched)."""
-        try:
+        with suppress(Exception):
             self._stack.close()
-        except Exception:
-            pass
         self.tmp.unlink(missing_ok=True)
 
     def finish(self, attrs: dict) -> Path:
@@ -330,10 +274,8 @@ class H5Builder:
             for layer, ds in self.datasets.items():
                 ds.attrs["sha256"] = self.digests[layer].hexdigest()
             f.create_dataset("valid", data=self.valid)
-            b = f.create_dataset(
-                "bad", data=np.array(self.bad, dtype=object).reshape(-1, 2), dtype=STR,
-                maxshape=(None, 2),
-            )
+            b = f.create_dataset("bad", data=np.array(self.bad, dtype=object).reshape(-1, 2),
+                                 dtype=STR, maxshape=(None, 2))
             b.attrs["columns"] = json_attr(["id", "reason"])
             for key, value in attrs.items():
                 f.attrs[key] = attr_value(value)
@@ -359,17 +301,16 @@ class H5Builder:
         return final
 
 
-
 def _h5_errno(e: BaseException) -> int | None:
     """The errno inside an HDF5 error message ("... errno = 28, ..."), if there is one."""
     m = re.search(r"errno = (\d+)", str(e))
     return int(m.group(1)) if m else None
 
 
-def _create_once(path: Path, data: bytes) -> bool:
+def _create_once(path: Path, data: bytes) -> None:
     """Write ``path`` atomically unless it exists (a hard link never replaces a file)."""
     if path.exists():
-        return False
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -377,33 +318,24 @@ def _create_once(path: Path, data: bytes) -> bool:
         os.fsync(f.fileno())
     try:
         os.link(tmp, path)
-        return True
     except FileExistsError:
-        return False
+        pass
     except OSError:  # a filesystem without hard links: rename, last writer wins
         if not path.exists():
             os.replace(tmp, path)
-            return True
-        return False
     finally:
         tmp.unlink(missing_ok=True)
-
 
 
 def write_arrays(path: str | os.PathLike, ids: list[str], labels: np.ndarray, classes: list,
                  features: dict[str, np.ndarray], meta: dict | None = None, dtype: str = "float16",
                  rows_per_part: int = 4096) -> FeatureCache:
-    """Write features you already have (arrays or memmaps) as a featprobe cache.
-
-    Goes through the same parts-then-consolidate path as ``extract``, so the result is
-    indistinguishable from an extracted cache; used by benchmarks and tests, and handy for
-    features computed elsewhere. ``meta`` supplies root attributes such as ``backbone``.
-    """
+    """Write features you already have (arrays or memmaps) as a featprobe cache, through the same
+    parts-then-consolidate path as ``extract``; ``meta`` supplies root attributes such as
+    ``backbone``."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    n = len(ids)
-    layers = list(features)
-    partial = PartialCache(final)
+    n, layers, partial = len(ids), list(features), PartialCache(final)
     with partial.locked():
         n_parts = -(-n // rows_per_part)
         for k in range(n_parts):
@@ -416,8 +348,7 @@ def write_arrays(path: str | os.PathLike, ids: list[str], labels: np.ndarray, cl
         attrs = {"format_version": FORMAT_VERSION, "backbone": "external", "weights": "external",
                  "layers": layers, "dtype": dtype, "preprocessing": {},
                  "dataset_fingerprint": "", **(meta or {})}
-        partial.consolidate(layers, list(ids), np.asarray(labels), list(classes), attrs, dtype,
-                            n_parts)
+        H5Builder(partial, layers, ids, labels, classes, dtype, n_parts).finish(attrs)
     return FeatureCache(final)
 
 

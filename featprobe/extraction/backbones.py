@@ -1,9 +1,8 @@
 """The one registry of backbones: the layers each can emit, its preprocessing, the model.
 
 Registered backbones state their layers (name → module path and dimension). Any other
-torchvision classification model works by name too: its default layer is ``penultimate``, the
-input of its last ``nn.Linear``. A layer may also be a module path (``features.28``), flattened.
-Weights are :mod:`featprobe.extraction.weights`' concern.
+torchvision classification model works by name too, its default layer ``penultimate`` (the input
+of its last ``nn.Linear``). A layer may also be a module path (``features.28``), flattened.
 """
 
 from __future__ import annotations
@@ -48,15 +47,11 @@ class BackboneSpec:
     description: str = ""
 
 
-_VGG_LAYERS = {
-    "pool5": Layer("avgpool", 25088),
-    "fc6": Layer("classifier.1", 4096),
-    "fc7": Layer("classifier.4", 4096),
-}
+_VGG_LAYERS = {"pool5": Layer("avgpool", 25088), "fc6": Layer("classifier.1", 4096),
+               "fc7": Layer("classifier.4", 4096)}
 
 BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in [
+    spec.name: spec for spec in [
         BackboneSpec("vgg16", _VGG_LAYERS, ("pool5", "fc7"), "VGG16 (the tutorial's backbone)"),
         BackboneSpec("vgg16_bn", _VGG_LAYERS, ("pool5", "fc7"), "VGG16 with batch norm"),
         BackboneSpec("resnet18", {"avgpool": Layer("avgpool", 512)}, ("avgpool",), "ResNet-18"),
@@ -73,10 +68,9 @@ def classification_models() -> list[str]:
 
 def _check_name(name: str) -> None:
     if name not in BACKBONES and name not in classification_models():
-        raise FeatprobeError(
-            f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)} or any torchvision "
-            "classification model name (see `featprobe backbones`)"
-        )
+        raise FeatprobeError(f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)} or "
+                             "any torchvision classification model name (see `featprobe "
+                             "backbones`)")
 
 
 def resolve_layers(name: str, layers: list[str] | tuple[str, ...] | None) -> list[str]:
@@ -99,14 +93,10 @@ def resolve_layers(name: str, layers: list[str] | tuple[str, ...] | None) -> lis
             with torch.device("meta"):
                 paths = {n for n, _ in torchvision.models.get_model(name).named_modules() if n}
         if layer not in paths:
-            raise FeatprobeError(
-                f"unknown layer {layer!r} for {name}: use {', '.join(sorted(known))} "
-                "or a module path such as features.28 (see `featprobe backbones`)"
-            )
+            raise FeatprobeError(f"unknown layer {layer!r} for {name}: use "
+                                 f"{', '.join(sorted(known))} or a module path such as "
+                                 "features.28 (see `featprobe backbones`)")
     return out
-
-
-# ----------------------------------------------------------------------------- the resolved model
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,22 +113,17 @@ class FeatureModel:
 def resolve_model(backbone: str, weights=None, layers=None,
                   image_size: int | None = None) -> FeatureModel:
     """Check the backbone name, the layers and the weights; work out the preprocessing."""
-    layers = resolve_layers(backbone, layers)
+    layers = tuple(resolve_layers(backbone, layers))
     choice = resolve_weights(backbone, weights)
-    return FeatureModel(backbone, choice, tuple(layers), preprocessing(backbone, choice,
-                                                                        image_size))
-
-
-# ----------------------------------------------------------------------------- preprocessing
+    return FeatureModel(backbone, choice, layers, preprocessing(backbone, choice, image_size))
 
 
 def preprocessing(backbone: str, choice: WeightsChoice, image_size: int | None = None) -> dict:
     """The preprocessing, as JSON-able facts: from the weights' own ``transforms()``.
 
-    Random-init and local-file weights use the architecture's DEFAULT weights' transforms (so a
-    random control and a fine-tuned file see exactly what the pretrained model sees), or plain
-    ImageNet 256/224 when torchvision publishes no weights. ``image_size`` overrides the crop
-    (the resize keeps torchvision's 256:224 ratio) — useful for small images and fast tests.
+    Random-init and local-file weights use the DEFAULT weights' transforms (they see what the
+    pretrained model sees), or ImageNet 256/224 when there are none. ``image_size`` overrides
+    the crop (the resize keeps its ratio to the crop).
     """
     enum = choice.enum
     if enum is None:
@@ -161,16 +146,12 @@ def preprocessing(backbone: str, choice: WeightsChoice, image_size: int | None =
     return pre
 
 
-# ----------------------------------------------------------------------------- the model
-
-
 def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
     """The frozen model in eval mode, weights loaded as ``choice`` says.
 
-    Models with loaded weights are built on the meta device and assigned the loaded tensors
-    (``load_state_dict(assign=True)``), skipping a random initialisation that would only be
-    overwritten: it pays 1.2 s of every VGG16 extract on 2 cores (bench/RESULTS.md). Where the
-    state dict leaves something on meta (a non-persistent buffer), the ordinary build runs.
+    Models with loaded weights are built on the meta device and assigned the loaded tensors,
+    skipping a costly random initialisation that would only be overwritten. Where the state
+    dict leaves something on meta (a non-persistent buffer), the ordinary build runs.
     """
     if choice.kind == "torchvision":
         path = checkpoint_path(choice.enum)
@@ -182,11 +163,10 @@ def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             if path.is_file() and not isinstance(e, urllib.error.URLError):
                 raise FeatprobeError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-            raise FeatprobeError(
-                f"weights {choice.identity} are not on this machine and could not be downloaded "
-                f"({type(e).__name__}); put {path.name} ({choice.enum.url}) in {path.parent}, "
-                "or pass --weights PATH to a local state dict"
-            ) from None
+            raise FeatprobeError(f"weights {choice.identity} are not on this machine and could not "
+                                 f"be downloaded ({type(e).__name__}); put {path.name} "
+                                 f"({choice.enum.url}) in {path.parent}, or pass --weights PATH "
+                                 "to a local state dict") from None
     elif choice.kind == "file":
         state = load_state_dict(choice.name)
         model = _matching(lambda: _weights_on_meta(backbone, None, lambda: state), choice.name,
@@ -210,10 +190,9 @@ def _seeded(backbone: str) -> nn.Module:
 
 
 def _weights_on_meta(backbone: str, enum, state_fn) -> nn.Module | None:
-    """The model built on the meta device (``get_model(weights=enum)``, so the enum's own
-    constructor arguments apply; torchvision's load into meta tensors is a no-op), then
-    ``state_fn()``'s tensors assigned, converted to the dtypes the model declares. None where
-    something the state dict does not hold is left on meta."""
+    """The model built on the meta device (``get_model(weights=enum)``: the enum's constructor
+    arguments apply, its load into meta tensors is a no-op), then ``state_fn()``'s tensors
+    assigned in the dtypes the model declares. None where something is left on meta."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
         model = torchvision.models.get_model(backbone, weights=enum)
@@ -234,18 +213,16 @@ def _matching(load, path: str, backbone: str):
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
-        raise FeatprobeError(
-            f"weights file {path} does not match {backbone}: {detail[:300]}"
-        ) from None
+        raise FeatprobeError(f"weights file {path} does not match {backbone}: {detail[:300]}"
+                             ) from None
 
 
 def _find_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        raise FeatprobeError(
-            f"{type(model).__name__} has no module {path!r}; see `featprobe backbones`"
-        ) from None
+        raise FeatprobeError(f"{type(model).__name__} has no module {path!r}; see `featprobe "
+                             "backbones`") from None
 
 
 def layer_sources(backbone: str, model: nn.Module, layers: list[str]) -> dict[str, Layer]:
@@ -257,10 +234,8 @@ def layer_sources(backbone: str, model: nn.Module, layers: list[str]) -> dict[st
         elif layer == PENULTIMATE:
             linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             if not linears:
-                raise FeatprobeError(
-                    f"{backbone} has no final nn.Linear to take penultimate features from; "
-                    "name a module path with --layers"
-                )
+                raise FeatprobeError(f"{backbone} has no final nn.Linear to take penultimate "
+                                     "features from; name a module path with --layers")
             last = linears[-1]
             out[layer] = Layer(last, _find_module(model, last).in_features, use_input=True)
         else:
@@ -270,11 +245,8 @@ def layer_sources(backbone: str, model: nn.Module, layers: list[str]) -> dict[st
 
 
 class FeatureExtractor(nn.Module):
-    """Runs the backbone once per batch and returns the requested layers, flattened.
-
-    Forward hooks (not FX tracing) so any torchvision model works; the forward stops being
-    useful after the last hooked layer, but the classifier on top costs little next to the convs.
-    """
+    """Runs the backbone once per batch and returns the requested layers, flattened. Forward
+    hooks (not FX tracing), so any torchvision model works."""
 
     def __init__(self, model: nn.Module, sources: dict[str, Layer]):
         super().__init__()
@@ -284,21 +256,12 @@ class FeatureExtractor(nn.Module):
         for name, src in sources.items():
             module = _find_module(model, src.module)
             if src.use_input:
-                module.register_forward_pre_hook(self._pre_hook(name))
+                module.register_forward_pre_hook(lambda m, args, k=name: self._keep(k, args[0]))
             else:
-                module.register_forward_hook(self._hook(name))
+                module.register_forward_hook(lambda m, args, out, k=name: self._keep(k, out))
 
-    def _pre_hook(self, name):
-        def hook(module, args):
-            self._out[name] = args[0].flatten(1).clone()
-
-        return hook
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            self._out[name] = output.flatten(1).clone()
-
-        return hook
+    def _keep(self, name: str, t: torch.Tensor) -> None:  # None: a pre-hook leaves the input be
+        self._out[name] = t.flatten(1).clone()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._out = {}
@@ -308,26 +271,10 @@ class FeatureExtractor(nn.Module):
 
 def describe() -> list[dict]:
     """Registered backbones with their layers, for ``featprobe backbones``."""
-    return [
-        {
-            "name": s.name,
-            "layers": {k: v.dim for k, v in s.layers.items()},
-            "default_layers": list(s.default_layers),
-            "description": s.description,
-        }
-        for s in BACKBONES.values()
-    ]
+    return [{"name": s.name, "layers": {k: v.dim for k, v in s.layers.items()},
+             "default_layers": list(s.default_layers), "description": s.description}
+            for s in BACKBONES.values()]
 
 
-__all__ = [
-    "BACKBONES",
-    "BackboneSpec",
-    "FeatureExtractor",
-    "Layer",
-    "WeightsChoice",
-    "build_model",
-    "preprocessing",
-    "resolve_layers",
-    "FeatureModel",
-    "resolve_model",
-]
+__all__ = ["BACKBONES", "BackboneSpec", "FeatureExtractor", "Layer", "WeightsChoice",
+           "build_model", "preprocessing", "resolve_layers", "FeatureModel", "resolve_model"]

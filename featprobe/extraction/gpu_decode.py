@@ -1,19 +1,16 @@
 """GPU decoding: JPEG bytes decoded, resized and cropped on the device; PIL for everything else.
 
 With ``decode="gpu"`` DataLoader workers only read file bytes and this process decodes each
-batch's JPEGs on the device in one batched call (nvjpeg on CUDA), because 16 CPU cores decode
-~1.8k JPEGs/s while an H100 runs VGG16 at ~7.9k images/s. :func:`sniff` reads the markers to
-decide what the tensor decoder takes (8-bit 3-component Huffman JPEGs with an end marker and no
-EXIF rotation); anything else, and any JPEG the decoder rejects, goes through the PIL path for
-that image only, with the same reason strings for bad files. The tensor resize differs from
-PIL's by at most one 8-bit level on a few pixels (tests/test_decoding.py; docs/guide.md).
-``torchvision.io.decode_jpeg`` (deprecated in 0.29 for TorchCodec) is called in one place,
-:func:`decode_jpegs`.
+batch's JPEGs on the device in one batched call (nvjpeg on CUDA), for hosts whose cores cannot
+decode as fast as the GPU runs the model. :func:`sniff` decides what the tensor decoder takes;
+anything else, and any JPEG it rejects, goes through the PIL path for that image only, with the
+same reasons for bad files. The tensor resize differs from PIL's by at most one 8-bit level.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 from collections import defaultdict
@@ -30,14 +27,9 @@ _SOF_OK = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
 _RGB_IDS = (ord("R"), ord("G"), ord("B"))
 
 
-# ----------------------------------------------------------------------------- sniffing
-
-
 def sniff(data: bytes) -> str:
-    """"" when the tensor JPEG decoder may take ``data``; otherwise why PIL should.
-
-    Reads the markers up to the first scan (microseconds: no pixel is decoded).
-    """
+    """"" when the tensor JPEG decoder may take ``data``; otherwise why PIL should. Reads the
+    markers up to the first scan (no pixel is decoded)."""
     n = len(data)
     if n < 4 or data[:3] != b"\xff\xd8\xff":
         return "not a JPEG"
@@ -105,16 +97,10 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-# ----------------------------------------------------------------------------- decode + transform
-
-
 def decode_jpegs(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """The one call to torchvision's JPEG decoder: uint8 [3, H, W] RGB images on ``device``.
-
-    ``datas`` are 1-D uint8 CPU tensors. One batched call (nvjpeg on CUDA); raises
-    ``RuntimeError`` when any image fails. torchvision ≥ 0.29 deprecates it for TorchCodec
-    (not a dependency): the warning is silenced here and nowhere else.
-    """
+    """The one call to torchvision's JPEG decoder: 1-D uint8 CPU tensors → uint8 [3, H, W] RGB
+    images on ``device``, in one batched call; ``RuntimeError`` when any image fails. Its
+    deprecation (for TorchCodec, not a dependency) is silenced here and nowhere else."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
@@ -128,20 +114,20 @@ def _crop_hw(pre: dict) -> list[int]:
     return [c[0], c[0]] if len(c) == 1 else [c[0], c[1]]
 
 
-def preprocess(images: Sequence[torch.Tensor], pre: dict) -> torch.Tensor:
-    """uint8 [3, H, W] images → uint8 crops [B, 3, h, w], on their device.
-
-    The weights' own preprocessing facts, in the order of torchvision's ``ImageClassification``
-    preset (so the PIL path and this one differ only where the resize kernels do): shorter side to
-    ``resize_size`` (uint8 out), centre crop; :func:`featprobe.extraction.pixels.normalize` does the
-    rest. Same-sized images are resized together, one kernel call per size.
-    """
+def preprocess(images: Sequence[torch.Tensor], pre: dict, out: torch.Tensor | None = None,
+               rows: Sequence[int] | None = None) -> torch.Tensor:
+    """uint8 [3, H, W] images → uint8 crops [B, 3, h, w], on their device (into rows ``rows`` of
+    ``out`` when given): resize and centre crop in the order of torchvision's preset (so this
+    path and PIL's differ only where the resize kernels do). Same-sized images are resized
+    together, one kernel call per size."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     h, w = _crop_hw(pre)
     device = images[0].device
-    out = torch.empty(len(images), 3, h, w, dtype=torch.uint8, device=device)
+    if out is None:
+        out = torch.empty(len(images), 3, h, w, dtype=torch.uint8, device=device)
+    rows = list(range(len(images)) if rows is None else rows)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, im in enumerate(images):
         groups[tuple(im.shape)].append(i)
@@ -152,18 +138,19 @@ def preprocess(images: Sequence[torch.Tensor], pre: dict) -> torch.Tensor:
             x = F.resize(x, list(pre["resize_size"]), interpolation=interpolation,
                          antialias=pre["antialias"])
         x = F.center_crop(x, [h, w])
-        if len(idx) == len(images):
+        if len(idx) == len(out):  # every row, in order
             out.copy_(x)
         else:
-            out[torch.tensor(idx, device=device)] = x
+            out[torch.tensor([rows[i] for i in idx], device=device)] = x
     return out
 
 
 def pil_input(data: bytes, transform, size: int) -> tuple[torch.Tensor, str]:
-    """One image through the PIL path, from its bytes, with a :func:`featprobe.extraction.pixels.
-    pixel_transform`: (uint8 [3, s, s], "") or (zeros, reason)."""
+    """One image (its bytes, or its path) through the PIL path with a :func:`featprobe.extraction.
+    pixels.pixel_transform`: (uint8 [3, s, s], "") or (zeros, reason)."""
     try:
-        return transform(load_rgb(io.BytesIO(data))), ""
+        src = data if isinstance(data, (str, os.PathLike)) else io.BytesIO(data)
+        return transform(load_rgb(src)), ""
     except BadImage as e:
         return torch.zeros(3, size, size, dtype=torch.uint8), str(e) or "cannot decode"
 
@@ -185,59 +172,32 @@ def decode_tensors(datas: list[torch.Tensor], device) -> list[torch.Tensor | Non
 
 def decode_batch(datas: Sequence[bytes], pre: dict, device="cpu", transform=None,
                  ) -> tuple[torch.Tensor, list[str]]:
-    """Raw file bytes → (model input [B, 3, h, w] float on ``device``, per-image reasons).
-
-    JPEGs the tensor decoder takes are decoded on ``device`` in one batched call; the rest (and
-    any it rejects) go through PIL one by one (``transform``: a :func:`featprobe.extraction.pixels.
-    pixel_transform`). ``reasons[i]`` is "" for a good image; a bad one gets zero pixels and
-    PIL's reason, as on the CPU path (zeros in the result).
+    """Raw file bytes → (model input [B, 3, h, w] float on ``device``, per-image reasons): the
+    loader side's path in one call. A bad image gets PIL's reason and zeros, as on the CPU path.
     """
     transform = transform or pixels.pixel_transform(pre)
-    device = torch.device(device)
-    h, w = _crop_hw(pre)
-    x = torch.zeros(len(datas), 3, h, w, dtype=torch.uint8, device=device)
-    reasons = [""] * len(datas)
-    fast = [i for i, d in enumerate(datas) if not sniff(d)]
-    slow = [i for i in range(len(datas)) if i not in set(fast)]
-    if fast:
-        tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in fast]
-        done = _place(x, fast, decode_tensors(tensors, device), pre)
-        slow += [i for i, ok in zip(fast, done) if not ok]
-    for i in sorted(slow):
-        img, reasons[i] = pil_input(bytes(datas[i]), transform, h)
-        x[i] = img.to(device)
+    size = _crop_hw(pre)[0]
+    batch = collate_encoded([_item(i, d, d, transform, size) for i, d in enumerate(datas)])
+    _, x, reasons = assemble(batch, pre, torch.device(device), transform)
     x = pixels.normalize(x, pre)
     bad = [i for i, r in enumerate(reasons) if r]
     if bad:
-        x[torch.tensor(bad, device=device)] = 0
+        x[torch.tensor(bad, device=x.device)] = 0
     return x, reasons
 
 
-def _place(x: torch.Tensor, rows: list[int], images: list, pre: dict) -> list[bool]:
-    """Preprocess the decoded ``images`` into ``x[rows]``; which ones were there."""
-    ok = [im is not None for im in images]
-    good = [im for im in images if im is not None]
-    if good:
-        target = [r for r, k in zip(rows, ok) if k]
-        y = preprocess(good, pre)
-        if len(target) == x.shape[0]:
-            x.copy_(y)
-        else:
-            x[torch.tensor(target, device=x.device)] = y
-    return ok
-
-
-# ----------------------------------------------------------------------------- the loader side
+def _item(i: int, data: bytes, source, transform, size: int) -> tuple:
+    """``(i, data, None, "")`` when the tensor decoder takes ``data``; else ``(i, None, crop,
+    reason)`` from ``source`` (a path or the bytes) on the PIL path."""
+    if not sniff(data):
+        return i, data, None, ""
+    return (i, None, *pil_input(source, transform, size))
 
 
 class EncodedRows(torch.utils.data.Dataset):
-    """Rows as ``(index, jpeg bytes or None, PIL-path uint8 crop or None, reason)`` for GPU
-    decoding.
-
-    A DataLoader worker only reads the file and sniffs it; files the tensor decoder will not take
-    are decoded and cropped here with PIL and ``transform`` (a :func:`featprobe.extraction.pixels.
-    pixel_transform`: the CPU path, with its reasons for bad files).
-    """
+    """Rows as ``(index, jpeg bytes or None, PIL-path uint8 crop or None, reason)``: a worker
+    reads and sniffs the file, and decodes with PIL and ``transform`` (the CPU path, with its
+    reasons for bad files) only what the tensor decoder will not take."""
 
     def __init__(self, ds, transform, size: int):
         self.ds = ds
@@ -253,22 +213,14 @@ class EncodedRows(torch.utils.data.Dataset):
             with open(path, "rb") as f:
                 data = f.read()
         except OSError:
-            data = b""  # load_rgb below gives the CPU path's reason (missing, a directory...)
-        if data and not sniff(data):
-            return i, data, None, ""
-        try:
-            return i, None, self.transform(load_rgb(path)), ""
-        except BadImage as e:
-            return i, None, torch.zeros(3, self.size, self.size, dtype=torch.uint8), \
-                str(e) or "cannot decode"
+            data = b""  # load_rgb gives the CPU path's reason (missing, a directory...)
+        return _item(i, data, path, self.transform, self.size)
 
 
 def collate_encoded(items):
-    """A batch of :class:`EncodedRows` items as a few tensors (cheap to pass between processes):
-
-    ``(index [B], data uint8 [sum of lengths], lengths [J], jpeg_rows [J], pil [P,3,s,s],
-    pil_rows [P], reasons)`` where ``*_rows`` are positions within the batch.
-    """
+    """:class:`EncodedRows` items as a few tensors, cheap to pass between processes: ``(index
+    [B], data uint8 [sum of lengths], lengths [J], jpeg_rows [J], pil [P,3,s,s], pil_rows [P],
+    reasons)`` where ``*_rows`` are positions within the batch."""
     index = torch.tensor([it[0] for it in items], dtype=torch.int64)
     jpeg_rows = [k for k, it in enumerate(items) if it[1] is not None]
     pil_rows = [k for k, it in enumerate(items) if it[1] is None]
@@ -285,12 +237,9 @@ def collate_encoded(items):
 
 def assemble(batch, pre: dict, device: torch.device, transform=None,
              ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """A :func:`collate_encoded` batch → ``(index, uint8 crops [B, 3, h, w] on device, reasons)``
-    (:func:`featprobe.extraction.pixels.normalize` makes them the model's input).
-
-    The JPEGs are decoded on ``device`` in one batched call; the PIL rows are copied
-    (non-blocking from pinned memory); JPEGs the decoder rejects fall back to PIL here.
-    """
+    """A :func:`collate_encoded` batch → ``(index, uint8 crops [B, 3, h, w] on device, reasons)``:
+    the JPEGs decoded on ``device`` in one call, the PIL rows copied (non-blocking from pinned
+    memory), and JPEGs the decoder rejects through PIL here."""
     index, data, lengths, jpeg_rows, pil, pil_rows, reasons = batch
     reasons = list(reasons)
     h, w = _crop_hw(pre)
@@ -298,13 +247,14 @@ def assemble(batch, pre: dict, device: torch.device, transform=None,
     if len(pil_rows):
         x[pil_rows.to(device, non_blocking=True)] = pil.to(device, non_blocking=True)
     if len(jpeg_rows):
-        rows = jpeg_rows.tolist()
         tensors = list(torch.split(data, lengths.tolist()))
-        done = _place(x, rows, decode_tensors(tensors, device), pre)
-        if not all(done):
-            transform = transform or pixels.pixel_transform(pre)
-            for r, t, ok in zip(rows, tensors, done):
-                if not ok:
-                    img, reasons[r] = pil_input(t.numpy().tobytes(), transform, h)
-                    x[r] = img.to(device)
+        images = decode_tensors(tensors, device)
+        good = [r for r, im in zip(jpeg_rows.tolist(), images) if im is not None]
+        if good:
+            preprocess([im for im in images if im is not None], pre, out=x, rows=good)
+        for r, t, im in zip(jpeg_rows.tolist(), tensors, images):
+            if im is None:
+                transform = transform or pixels.pixel_transform(pre)
+                img, reasons[r] = pil_input(t.numpy().tobytes(), transform, h)
+                x[r] = img.to(device)
     return index, x, reasons

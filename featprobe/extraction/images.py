@@ -1,8 +1,7 @@
 """Image decoding: one swappable stage that turns a file into an RGB image or a reason it can't.
 
-PIL on CPU workers. Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become
-8-bit RGB; EXIF orientation is applied so the model sees the photo as a viewer shows it.
-Truncated, empty and non-image files raise :class:`BadImage` with a short reason.
+PIL on CPU workers. Any mode becomes 8-bit RGB (alpha dropped) and EXIF orientation is applied
+so the model sees the photo as a viewer shows it; bad files raise :class:`BadImage`.
 """
 
 from __future__ import annotations
@@ -40,15 +39,9 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise BadImage(f"cannot decode: {e}") from None
 
 
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
+_T = Image.Transpose
+_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
+              6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 
 
 def _orient(im: Image.Image) -> Image.Image:
@@ -81,9 +74,7 @@ class ImageRows(torch.utils.data.Dataset):
 
     ``threads > 1``: a DataLoader without workers fetches each batch through
     :meth:`__getitems__`, which decodes its images on that many threads (Pillow releases the
-    GIL while it decodes and resizes). That is how a CPU device decodes: all cores decode a
-    batch, then all cores run the forward pass, instead of a worker process taking a core from
-    the forward's threads while they run (see :func:`featprobe.policy.default_workers`).
+    GIL): how a CPU device decodes, all cores between forward passes.
     """
 
     def __init__(self, ds: Dataset, transform, size: int, fill_dtype=torch.float32,

@@ -3,9 +3,8 @@
 Preprocessing is recorded as plain facts (``resize_size``, ``crop_size``, ``interpolation``,
 ``antialias``, ``mean``, ``std``). torchvision's classification preset is split at the crop:
 workers (or the GPU decoder) make ``uint8`` crops (:func:`pixel_transform`), and a batch is
-normalised on the model's device (:func:`normalize`): bit-identical to the preset (tested), with
-a quarter of the bytes crossing processes and the host-to-device copy. One ``resize_size``
-value resizes the shorter side; two (``[h, w]``) resize to exactly that (the CNN baseline).
+normalised on the model's device (:func:`normalize`), bit-identical to the preset with a quarter
+of the bytes to move. One ``resize_size`` resizes the shorter side; ``[h, w]`` resizes to that.
 """
 
 from __future__ import annotations
@@ -38,11 +37,7 @@ def pixel_transform(pre: dict) -> transforms.Compose:
 
 def normalize(x: torch.Tensor, pre: dict) -> torch.Tensor:
     """``uint8 [B, 3, h, w]`` crops → the model's float32 input, on ``x``'s device and in its
-    memory format (channels-last stays channels-last).
-
-    Exactly ``convert_image_dtype`` (``/255``) then ``normalize`` (``-mean``, ``/std``) as the
-    preset computes them, in float32.
-    """
+    memory format: exactly the preset's ``/255``, ``-mean``, ``/std``, in float32."""
     if x.dtype != torch.uint8:
         raise TypeError(f"normalize takes uint8 crops, not {x.dtype}")
     mean = torch.tensor(pre["mean"], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)

@@ -3,7 +3,7 @@
 :func:`extract` validates the dataset, works out the cache's content-addressed name and either
 returns the finished cache, resumes an interrupted one, or streams a new one
 (:mod:`featprobe.extraction.stream`). An identical rerun is answered from a small request index
-without importing torch, so it costs a fraction of a second.
+without importing torch.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from featprobe.errors import FeatprobeError
 from featprobe.extraction import sharding
 from featprobe.extraction.settings import ExtractJob, ExtractSettings
 from featprobe.faults import crash_point
+from featprobe.files import atomic_write
 from featprobe.policy import DECODES, DTYPES
 
 ON_ERROR = ("fail", "skip")
@@ -40,39 +41,27 @@ def cache_name(backbone: str, config: dict) -> tuple[str, str]:
 
 
 def extract(
-    data: str | os.PathLike | Dataset,
-    images: str | os.PathLike | None = None,
-    backbone: str = "vgg16",
-    weights: str | os.PathLike | None = "DEFAULT",
+    data: str | os.PathLike | Dataset, images: str | os.PathLike | None = None,
+    backbone: str = "vgg16", weights: str | os.PathLike | None = "DEFAULT",
     layers: list[str] | tuple[str, ...] | str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    on_error: str = "fail",
-    dtype: str = "float16",
-    precision: str = "auto",
-    image_size: int | None = None,
-    image_col: str | None = None,
-    label_col: str | None = None,
-    progress: bool = True,
-    shard: str | tuple[int, int] | None = None,
-    decode: str = "auto",
+    cache_dir: str | os.PathLike | None = None, device: str = "auto",
+    batch_size: int | None = None, workers: int | None = None, on_error: str = "fail",
+    dtype: str = "float16", precision: str = "auto", image_size: int | None = None,
+    image_col: str | None = None, label_col: str | None = None, progress: bool = True,
+    shard: str | tuple[int, int] | None = None, decode: str = "auto",
 ) -> FeatureCache | None:
     """Extract features of ``layers`` for every image of ``data`` into an HDF5 cache.
 
     Returns the complete :class:`FeatureCache`. An identical earlier run's cache is returned at
     once (the model is not built); an interrupted one is resumed.
 
-    ``shard="i/n"`` computes only shard ``i`` of ``n`` (for independent jobs such as SLURM
-    arrays; see :mod:`featprobe.extraction.sharding`). The shard that finds every part written
-    merges them and returns the cache; the others return ``None`` (``featprobe merge`` also
-    consolidates). Under ``torchrun`` the ranks are the shards and every rank returns the cache.
+    ``shard="i/n"`` computes only shard ``i`` of ``n`` (independent jobs such as SLURM arrays):
+    the shard that finds every part written merges them and returns the cache, the others return
+    ``None``. Under ``torchrun`` the ranks are the shards and every rank returns the cache.
 
-    ``decode``: ``cpu`` (PIL in DataLoader workers), ``gpu`` (JPEGs decoded on the device, see
-    :mod:`featprobe.extraction.gpu_decode`; on a CPU device the same tensor path runs on CPU) or
-    ``auto`` (``gpu`` on CUDA). It does not enter the cache key (the features agree within a
-    stated tolerance); the cache's ``decode`` attribute records which path made it.
+    ``decode``: ``cpu`` (PIL in DataLoader workers), ``gpu`` (JPEGs decoded on the device,
+    :mod:`featprobe.extraction.gpu_decode`) or ``auto`` (:func:`featprobe.policy.resolve_decode`).
+    Not in the cache key (the paths agree within a stated tolerance); the cache records it.
     """
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
@@ -145,16 +134,10 @@ def _resolve(ds: Dataset, s: ExtractSettings, directory: Path, shard: sharding.S
     workers = s.workers
     if workers is None and shard.local_count > 1 and dev.type == "cuda":
         workers = max(1, default_workers(dev) // shard.local_count)  # ranks share the cores
-    config = {
-        "format_version": FORMAT_VERSION,
-        "backbone": s.backbone,
-        "weights": model.weights.identity,
-        "layers": list(model.layers),
-        "preprocessing": model.preprocessing,
-        "dtype": s.dtype,
-        "precision": prec,
-        "dataset_fingerprint": fingerprint,
-    }
+    config = {"format_version": FORMAT_VERSION, "backbone": s.backbone,
+              "weights": model.weights.identity, "layers": list(model.layers),
+              "preprocessing": model.preprocessing, "dtype": s.dtype, "precision": prec,
+              "dataset_fingerprint": fingerprint}
     name, key = cache_name(s.backbone, config)
     return ExtractJob(ds, model, dev, prec, s.dtype, s.on_error,
                       resolve_decode(s.decode, dev, workers), workers, s.batch_size, s.progress,
@@ -187,11 +170,9 @@ def _extract_shard(job: ExtractJob, waiting) -> FeatureCache | None:
 
 
 def _write_parts(job: ExtractJob, incremental: bool = False):
-    """Compute this shard's parts that are still missing; return ``(parts in all, builder)``.
-
-    ``incremental`` (one writer for the whole dataset): copy parts into the final HDF5 file as
-    they are written; ``builder`` is then the unfinished :class:`~featprobe.cache.H5Builder`
-    (else None)."""
+    """Compute this shard's missing parts; return ``(parts in all, builder)``. ``incremental``
+    (one writer for the whole dataset): copy parts into the final HDF5 file as they are written,
+    ``builder`` being the unfinished :class:`~featprobe.cache.H5Builder` (else None)."""
     import torch
     import torchvision
 
@@ -200,9 +181,8 @@ def _write_parts(job: ExtractJob, incremental: bool = False):
     from featprobe.policy import default_batch_size
 
     partial, shard, choice, ds = job.partial, job.shard, job.model.weights, job.ds
-    manifest = partial.manifest(job.config, job.batch_size or default_batch_size(job.device),
-                                len(ds))
-    part_rows = manifest["part_rows"]
+    part_rows = partial.manifest(job.config, job.batch_size or default_batch_size(job.device),
+                                 len(ds))["part_rows"]
     if job.batch_size and job.batch_size != part_rows:
         log.info(f"resuming with the batch size this cache began with ({part_rows})")
     n_parts = -(-len(ds) // part_rows)
@@ -216,13 +196,10 @@ def _write_parts(job: ExtractJob, incremental: bool = False):
     dev = job.device
     attrs = {
         **{k: v for k, v in job.config.items() if k != "weights"},
-        "weights": choice.name if choice.kind != "file" else "file",
-        "weights_id": choice.identity,
+        "weights": choice.name if choice.kind != "file" else "file", "weights_id": choice.identity,
         "weights_file": choice.name if choice.kind == "file" else "",
-        "weights_sha256": weights_sha256(choice) or "",
-        "cache_key": job.key,
-        "featprobe_version": __version__,
-        "torch_version": torch.__version__,
+        "weights_sha256": weights_sha256(choice) or "", "cache_key": job.key,
+        "featprobe_version": __version__, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "decode": job.decode,  # not in the cache key: cpu and gpu agree within docs' tolerance
@@ -248,11 +225,8 @@ def _gpu_visible() -> bool:
 
 
 def _request_key(s: ExtractSettings, fingerprint: str) -> str:
-    """What the user asked for, hashed without torch. Maps to the cache it produced.
-
-    A local weights file enters by path, size and mtime; torchvision's version enters because
-    ``DEFAULT`` may mean other weights in another release. Any doubt only costs a slow path.
-    """
+    """What the user asked for, hashed without torch (a weights file by path, size and mtime;
+    torchvision's version, as ``DEFAULT`` may change). Any doubt only costs a slow path."""
     w = str(s.weights)
     if w.lower() != "none" and Path(w).expanduser().is_file():
         st = Path(w).expanduser().stat()
@@ -288,10 +262,9 @@ def _remember(directory: Path, request: str, final: Path) -> None:
     crash_point("extract.remember")
     try:
         (directory / REQUESTS).mkdir(exist_ok=True)
-        tmp = directory / REQUESTS / f".{request}.tmp-{os.getpid()}"
-        tmp.write_text(final.name + "\n")
-        crash_point("request.tmp_written")
-        os.replace(tmp, directory / REQUESTS / request)
+        with atomic_write(directory / REQUESTS / request, "w",
+                          crash="request.tmp_written") as f:
+            f.write(final.name + "\n")
     except OSError:
         pass  # only a shortcut; the slow path finds the same cache
 
@@ -300,10 +273,9 @@ def _reuse(final: Path, on_error: str) -> FeatureCache:
     cache = FeatureCache(final)
     if on_error == "fail" and cache.bad:
         image_id, reason = cache.bad[0]
-        raise FeatprobeError(
-            f"{final.name} was made with --on-error skip and has {len(cache.bad)} bad image(s), "
-            f"first {image_id}: {reason}; pass --on-error skip to use it"
-        )
+        raise FeatprobeError(f"{final.name} was made with --on-error skip and has "
+                             f"{len(cache.bad)} bad image(s), first {image_id}: {reason}; pass "
+                             "--on-error skip to use it")
     return cache
 
 

@@ -1,7 +1,5 @@
 """What an extraction is asked for, and what it resolved to: two frozen objects passed down the
-stage instead of long argument lists. Torch-free, so an identical rerun can be answered from
-:class:`ExtractSettings` alone.
-"""
+stage. Torch-free, so an identical rerun can be answered from :class:`ExtractSettings` alone."""
 
 from __future__ import annotations
 

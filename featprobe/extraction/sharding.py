@@ -1,9 +1,8 @@
 """Which rows this process extracts: one process, ``--shard i/n``, or a torchrun rank.
 
-Shard ``i`` of ``n`` computes the parts ``k % n == i`` of the manifest's fixed part size: no
-padding (as ``DistributedSampler`` adds), no overlap, and any shard that finishes last can
-consolidate. Under ``torchrun`` the shard is the rank; ranks meet at a barrier, rank 0
-consolidates, every rank returns the cache, and a rerun after a dead rank resumes.
+Shard ``i`` of ``n`` computes the parts ``k % n == i``: no padding, no overlap, and the shard
+that finishes last consolidates. Under ``torchrun`` the shard is the rank; ranks meet at a
+barrier, rank 0 consolidates, and every rank returns the cache.
 """
 
 from __future__ import annotations
@@ -104,9 +103,8 @@ class ProcessGroup:
             try:
                 dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
             except Exception as e:  # a rendezvous problem is the user's setup, not a bug
-                raise FeatprobeError(
-                    f"torch.distributed could not start ({backend}): {e}"
-                ) from None
+                raise FeatprobeError(f"torch.distributed could not start ({backend}): {e}"
+                                     ) from None
             self.owned = True
         if device_type == "cuda":
             import torch

@@ -1,10 +1,10 @@
 """The streaming loop: DataLoader → frozen model → writer thread → crash-safe parts.
 
 Workers decode and crop to uint8; the batch is normalised on the model's device, run under
-``torch.inference_mode()``, cast to the cache's dtype on the device (:class:`StorageCast`) and
-handed to a writer thread that saves it as one part, so decoding, the forward pass and disk
-writes overlap and memory stays flat in the number of images. The main process's per-batch
-work is kept small: on a GPU it is the critical path (bench/RESULTS.md).
+``torch.inference_mode()``, cast to the cache's dtype there (:class:`StorageCast`) and handed to
+a writer thread that saves it as one part, so decoding, the forward pass and disk writes overlap
+and memory stays flat. The main process's per-batch work is kept small: on a GPU it is the
+critical path.
 """
 
 from __future__ import annotations
@@ -33,11 +33,7 @@ log = logging.getLogger("featprobe")
 
 def image_loader(ds, pre, dev, decode, batches, workers):
     """The in-order DataLoader over ``batches`` for a decode path, and the PIL transform.
-
-    ``cpu``: batches of uint8 crops; ``gpu``: batches of file bytes (and PIL crops for what
-    the tensor decoder will not take) for :func:`featprobe.gpu_decode.assemble`. Either way
-    :func:`featprobe.extraction.pixels.normalize` turns them into the model's input on ``dev``.
-    """
+    ``cpu``: batches of uint8 crops; ``gpu``: :mod:`featprobe.extraction.gpu_decode` batches."""
     transform = pixels.pixel_transform(pre)
     size = pre["crop_size"][0]
     if decode == "gpu":
@@ -57,31 +53,24 @@ def feature_batches(model: backbones.FeatureModel, ds, dev, prec: str, batches, 
     """Yield ``(rows, {layer: array}, reasons)`` for each batch of row indices.
 
     The network is built here, so callers that find nothing to do never pay for it.
-    ``reasons[i]`` is "" for a good image and why it could not be read otherwise. Arrays are
-    float32 and a bad image's features are garbage; with ``cast`` (a :class:`StorageCast`) they
-    are in its dtype, cast on the device, with a bad image's row zeroed.
-
-    ``decode="cpu"``: DataLoader workers decode and preprocess with PIL. ``decode="gpu"``: the
-    workers read file bytes (and PIL-decode only what the tensor decoder will not take); this
-    process decodes each batch's JPEGs on ``dev`` (:mod:`featprobe.extraction.gpu_decode`). On
-    CUDA the features of batch k are copied back while batch k+1 is decoded and run (one batch
-    in flight).
+    ``reasons[i]`` is "" for a good image, else why it could not be read. Arrays are float32 (a
+    bad image's features are garbage); with ``cast`` (a :class:`StorageCast`) they are in its
+    dtype, cast on the device, with a bad image's row zeroed. ``decode``: see
+    :func:`image_loader`. On CUDA the features of batch k are copied back while batch k+1 is
+    decoded and run (one batch in flight).
     """
     backbone, layers, pre = model.backbone, list(model.layers), model.preprocessing
     net = backbones.build_model(backbone, model.weights)
-    sources = backbones.layer_sources(backbone, net, layers)
-    extractor = backbones.FeatureExtractor(net, sources).to(dev)
-    # channels-last is 1.5-2x faster for convolutions on GPUs and on CPUs alike (oneDNN)
-    extractor = extractor.to(memory_format=torch.channels_last)
+    extractor = backbones.FeatureExtractor(net, backbones.layer_sources(backbone, net, layers))
+    # channels-last is faster for convolutions on GPUs and on CPUs alike (oneDNN)
+    extractor = extractor.to(dev, memory_format=torch.channels_last)
     n_workers = default_workers(dev) if workers is None else workers
     loader, transform = image_loader(ds, pre, dev, decode, batches, n_workers)
     bar = tqdm(total=initial + sum(len(b) for b in batches), initial=initial, unit="img",
                desc=desc or f"extract {backbone}", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
-    autocast = (
-        torch.autocast(dev.type, dtype=_AUTOCAST[prec]) if prec in _AUTOCAST
-        else contextlib.nullcontext()
-    )
+    autocast = (torch.autocast(dev.type, dtype=_AUTOCAST[prec]) if prec in _AUTOCAST
+                else contextlib.nullcontext())
     cuda = dev.type == "cuda"
     guard = _Fp16Guard(extractor, layers, cast)
     pending = None  # CUDA: (index, {layer: pinned host tensor}, copy-done event, reasons)
@@ -99,7 +88,7 @@ def feature_batches(model: backbones.FeatureModel, ds, dev, prec: str, batches, 
                 with autocast:
                     out = extractor(x)
                 if not cuda:  # the CPU loop: no copies to overlap
-                    if prec == "fp16" and not _finite(out, layers):
+                    if prec == "fp16" and not bool(_finite_flag(out, layers)):
                         out = guard.recompute(x)
                     feats = _to_host(out, layers, cast, reasons)
                     yield index.tolist(), {k: t.numpy() for k, t in feats.items()}, list(reasons)
@@ -115,12 +104,10 @@ def feature_batches(model: backbones.FeatureModel, ds, dev, prec: str, batches, 
                 done = torch.cuda.Event()
                 done.record()
             if pending is not None:
-                yield guard.landed(pending)
-                bar.update(len(pending[0]))
+                yield guard.landed(pending, bar)
             pending = (index, host, done, list(reasons), finite, x if finite is not None else None)
         if pending is not None:
-            yield guard.landed(pending)
-            bar.update(len(pending[0]))
+            yield guard.landed(pending, bar)
     finally:
         bar.close()
         if guard.batches:
@@ -129,8 +116,8 @@ def feature_batches(model: backbones.FeatureModel, ds, dev, prec: str, batches, 
 
 
 def _to_host(out: dict, layers, cast, reasons, pinned: bool = False, count: bool = True) -> dict:
-    """Each layer's features on the host: float32, or cast on the device by ``cast``. With
-    ``pinned`` the copies are non-blocking into pinned memory (wait on an event before use)."""
+    """Each layer's features on the host: float32, or cast on the device by ``cast``; with
+    ``pinned``, copied non-blocking into pinned memory (wait on an event before use)."""
     host = {}
     for layer in layers:
         y = out[layer].float() if cast is None else cast(out[layer], reasons, count)
@@ -145,14 +132,12 @@ def _to_host(out: dict, layers, cast, reasons, pinned: bool = False, count: bool
 class StorageCast:
     """Casts features to the cache's dtype where they are computed, zeroes bad images' rows,
     and counts the nonzero values that float16 storage turns into 0 or inf (on the device: no
-    sync until :meth:`lost_fraction`). torch's float32 → float16 cast rounds exactly as
-    numpy's ``astype`` does (tested bit for bit)."""
+    sync until :meth:`lost_fraction`). torch's cast rounds exactly as numpy's ``astype``."""
 
     def __init__(self, dtype):
         self.dtype = {np.dtype(np.float16): torch.float16,
                       np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
-        self.kept: torch.Tensor | int = 0
-        self.lost: torch.Tensor | int = 0
+        self.kept = self.lost = 0  # device tensors once anything is counted
 
     def __call__(self, y: torch.Tensor, reasons, count: bool = True) -> torch.Tensor:
         """``y`` (any float dtype: fp16 autocast output is cast once, not via float32) in the
@@ -181,14 +166,9 @@ def _finite_flag(out: dict, layers) -> torch.Tensor:
     return torch.stack([torch.isfinite(out[layer]).all() for layer in layers]).all()
 
 
-def _finite(out: dict, layers) -> bool:
-    return bool(_finite_flag(out, layers))
-
-
 class _Fp16Guard:
-    """fp16 has 3 more mantissa bits than bf16 (so 10-20x smaller feature error, measured) but
-    overflows past 65,504. A batch whose features come out inf/nan is recomputed in fp32, so an
-    fp16 cache never holds a non-finite feature that fp32 would not."""
+    """fp16 is more precise than bf16 but overflows past 65,504: a batch whose features come out
+    inf/nan is recomputed in fp32, so fp16 adds no non-finite feature."""
 
     def __init__(self, extractor, layers, cast=None):
         self.extractor, self.layers, self.cast, self.batches = extractor, layers, cast, 0
@@ -198,21 +178,19 @@ class _Fp16Guard:
         with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
             return self.extractor(x.float())
 
-    def landed(self, pending):
+    def landed(self, pending, bar):
         """Wait for a batch's device-to-host copies; its ``(rows, features, reasons)``."""
         index, host, done, reasons, finite, x = pending
         done.synchronize()
+        bar.update(len(index))
         if finite is not None and not bool(finite):
             host = _to_host(self.recompute(x), self.layers, self.cast, reasons)
         return index.tolist(), {layer: t.numpy() for layer, t in host.items()}, reasons
 
 
 def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None) -> None:
-    """Compute the missing parts, one crash-safe part per batch, written on a thread.
-
-    ``builder`` (a :class:`featprobe.cache.writer.H5Builder`): also copy each part into the
-    final HDF5 file as it is written, so consolidation overlaps the forward pass.
-    """
+    """Compute the missing parts, one crash-safe part per batch, written on a thread; with
+    ``builder`` (an H5Builder) each part is also copied into the final HDF5 file as written."""
     ds, layers = job.ds, job.model.layers
     batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
     stream = feature_batches(job.model, ds, job.device, job.precision, batches, job.workers,
@@ -223,10 +201,9 @@ def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None) ->
         for k, (rows, feats, reasons) in zip(todo, stream):
             bad = [i for i, r in enumerate(reasons) if r]
             if bad and job.on_error == "fail":
-                raise FeatprobeError(
-                    f"cannot read image {ds.ids[rows[bad[0]]]}: {reasons[bad[0]]} — fix or "
-                    "remove it, or rerun with --on-error skip (finished batches are kept)"
-                )
+                raise FeatprobeError(f"cannot read image {ds.ids[rows[bad[0]]]}: {reasons[bad[0]]} "
+                                     "— fix or remove it, or rerun with --on-error skip (finished "
+                                     "batches are kept)")
             valid = np.array([not r for r in reasons], dtype=bool)
             arrays = {"f_" + layer: feats[layer] for layer in layers}  # cast, bad rows zeroed
             arrays.update(start=np.int64(k * part_rows), valid=valid,
@@ -245,10 +222,8 @@ def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None) ->
 
 
 class _PartWriter:
-    """Writes parts on a thread so disk I/O overlaps the next forward pass.
-
-    The queue is bounded, so a slow disk slows extraction instead of filling memory.
-    """
+    """Writes parts on a thread so disk I/O overlaps the next forward pass; the queue is
+    bounded, so a slow disk slows extraction instead of filling memory."""
 
     def __init__(self, partial: PartialCache, builder=None, depth: int = 4):
         self.partial = partial
@@ -281,10 +256,9 @@ class _PartWriter:
     def check(self):
         if self.error is not None:
             e = self.error
-            raise FeatprobeError(
-                f"could not write to {self.partial.dir} ({getattr(e, 'strerror', None) or e}); "
-                "finished batches are kept: free space and rerun the same command"
-            )
+            raise FeatprobeError(f"could not write to {self.partial.dir} ("
+                                 f"{getattr(e, 'strerror', None) or e}); finished batches are "
+                                 "kept: free space and rerun the same command")
 
     def put(self, k: int, arrays: dict) -> None:
         self.check()

@@ -1,10 +1,9 @@
 """Weights: what ``--weights`` names, where its file is, and loading it without running code.
 
-``DEFAULT`` or a torchvision enum name (``IMAGENET1K_V1``) resolves through torchvision's own
-enums, whose loader reads ``$TORCH_HOME/hub/checkpoints/`` before downloading; ``none`` is a
-random-init control; a path loads a local state dict with ``weights_only=True``, strictly.
-``add_checkpoint`` verifies a torchvision checkpoint by the hash prefix in its name and places
-it where torchvision's loader looks, which makes enum weights work offline.
+``DEFAULT`` or an enum name (``IMAGENET1K_V1``) resolves through torchvision's enums (whose
+loader reads ``$TORCH_HOME/hub/checkpoints/`` first); ``none`` is a random-init control; a path
+loads a state dict with ``weights_only=True``. ``add_checkpoint`` places a verified checkpoint
+where torchvision looks, which makes enum weights work offline.
 """
 
 from __future__ import annotations
@@ -21,18 +20,15 @@ import torch
 import torchvision
 
 from featprobe.errors import FeatprobeError
+from featprobe.files import atomic_write
 
 _HASHED = re.compile(r"-([0-9a-f]{6,64})\.(pth|pt)$")
 
 
-
 @dataclass(frozen=True)
 class WeightsChoice:
-    """What ``--weights`` resolved to, known without building the model.
-
-    ``identity`` enters the cache key: the torchvision enum name (whose file name carries a hash
-    prefix) or the SHA-256 of a local file.
-    """
+    """What ``--weights`` resolved to, known without building the model. ``identity`` enters
+    the cache key: the enum name (its file name carries a hash prefix) or a file's SHA-256."""
 
     kind: str  # "torchvision" | "none" | "file"
     name: str  # e.g. IMAGENET1K_V1, none, or the file path
@@ -56,9 +52,8 @@ def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> Weights
              if enum_cls else "(none published)")
     if any(sep in arg for sep in ("/", os.sep)) or arg.endswith((".pth", ".pt", ".bin")):
         raise FeatprobeError(f"weights file not found: {arg}")
-    raise FeatprobeError(
-        f"unknown weights {arg!r} for {backbone}: use {names}, none, or a path to a state dict"
-    )
+    raise FeatprobeError(f"unknown weights {arg!r} for {backbone}: use {names}, none, or a path "
+                         "to a state dict")
 
 
 def weights_enum(backbone: str):
@@ -98,9 +93,8 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FeatprobeError(
-            f"cannot load weights {path} safely (weights_only=True): {first}"
-        ) from None
+        raise FeatprobeError(f"cannot load weights {path} safely (weights_only=True): {first}"
+                             ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -113,34 +107,27 @@ def add_checkpoint(file: str | os.PathLike, backbone: str | None = None) -> Path
     src = Path(file)
     m = _HASHED.search(src.name)
     if not m:
-        raise FeatprobeError(
-            f"{src.name} is not named like a torchvision checkpoint (<name>-<sha256 prefix>.pth)"
-        )
+        raise FeatprobeError(f"{src.name} is not named like a torchvision checkpoint "
+                             "(<name>-<sha256 prefix>.pth)")
     digest = sha256_file(src)
     if not digest.startswith(m.group(1)):
-        raise FeatprobeError(
-            f"{src.name}: SHA-256 {digest[:12]}... does not match the {m.group(1)} in its name; "
-            "the file is corrupt or not the published one"
-        )
+        raise FeatprobeError(f"{src.name}: SHA-256 {digest[:12]}... does not match the "
+                             f"{m.group(1)} in its name; the file is corrupt or not the "
+                             "published one")
     if backbone is not None:
-        import torchvision
-
-        try:
-            enum_cls = torchvision.models.get_model_weights(backbone)
-        except (ValueError, KeyError):
-            raise FeatprobeError(f"torchvision publishes no weights for {backbone!r}") from None
+        enum_cls = weights_enum(backbone)
+        if enum_cls is None:
+            raise FeatprobeError(f"torchvision publishes no weights for {backbone!r}")
         names = {checkpoint_path(w).name for w in enum_cls}
         if src.name not in names:
-            raise FeatprobeError(
-                f"{src.name} is not one of {backbone}'s published files: {', '.join(sorted(names))}"
-            )
+            raise FeatprobeError(f"{src.name} is not one of {backbone}'s published files: "
+                                 f"{', '.join(sorted(names))}")
     dest = Path(torch.hub.get_dir()) / "checkpoints" / src.name
     if dest.is_file() and sha256_file(dest) == digest:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with open(src, "rb") as f, atomic_write(dest) as out:
+        shutil.copyfileobj(f, out)
     return dest
 
 

@@ -1,8 +1,7 @@
 """The fit stage: a head on cached features, on the fixed split, recorded in ``runs.jsonl``.
 
-It reads only the cache (never images, never the backbone), so it runs in seconds and can be
-repeated for every head, layer and seed. Every run appends one record to the runs log in the
-cache's directory; ``featprobe compare`` reads them back.
+It reads only the cache, so it runs in seconds for every head, layer and seed; every run
+appends a record to the runs log in the cache's directory, which ``featprobe compare`` reads.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from featprobe.errors import FeatprobeError
 from featprobe.probe import outofcore
 from featprobe.probe.headfile import save_head
 from featprobe.probe.registry import HEADS, head_params, make_head, spec_of, split_pipeline
-from featprobe.probe.rows import read_rows
-from featprobe.probe.sweeps import SCORES, sweep_head
+from featprobe.probe.rows import non_finite_rows, read_rows
+from featprobe.probe.sweeps import SCORES, grid_points, sweep_head
 from featprobe.runs.records import append_run, compute_metrics, majority_rate, make_record
 from featprobe.splits import split as make_split
 
@@ -58,15 +57,12 @@ def fit(cache: FeatureCache | str | os.PathLike, head: str = "logreg", layer: st
     the winner on val is recorded (every grid point is kept in ``record["sweep"]["grid"]``).
     The record is appended to ``runs.jsonl`` in ``runs_dir`` (default: the cache's directory).
 
-    ``max_memory`` (bytes, or a size such as ``"2GB"``, ``"512MB"``, ``"1.5GiB"``; default:
-    ``$FEATPROBE_MAX_MEMORY`` or half of the available RAM) bounds the feature data held in
-    memory. When the split's rows would not fit the budget, the head trains from the file in
-    shuffled blocks (:mod:`featprobe.probe.outofcore`; ``logreg``/``svm`` fall back to
-    ``SGDClassifier``) and the record says so in ``out_of_core``. ``progress`` shows a bar per
-    out-of-core epoch.
+    ``max_memory`` (bytes or a size such as ``"2GB"``; default: ``$FEATPROBE_MAX_MEMORY`` or
+    half of the available RAM) bounds the features held in memory; past it the head trains from
+    the file in shuffled blocks (``logreg``/``svm`` as an ``SGDClassifier``) and the record says
+    so in ``out_of_core``. ``progress`` shows a bar per out-of-core epoch.
     """
-    settings = FitSettings(head, layer, seed, val_fraction, standardize, sweep, max_memory,
-                           params)
+    settings = FitSettings(head, layer, seed, val_fraction, standardize, sweep, max_memory, params)
     c = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     rec, est = run_fit(c, settings, progress)
     if save is not None:
@@ -93,7 +89,7 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
 
     y_train, y_val = c.labels[split.train], c.labels[split.val]
     requested, sweep_info, ooc = est, None, None
-    n_heads = _grid_size(spec) if s.sweep else 1
+    n_heads = len(grid_points(spec.grid)) if s.sweep else 1
     need = outofcore.in_memory_bytes(est, len(split.train) + len(split.val), c.shapes[layer][1],
                                      c.dtypes[layer].itemsize, len(c.classes), n_heads)
     if need > budget:
@@ -125,49 +121,29 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
     defaults = spec.params()
     labels = list(range(len(c.classes)))
     rec = make_record(
-        kind="probe",
-        cache=c.path.name,
-        cache_path=str(c.path.resolve()),
-        dataset_fingerprint=c.meta.get("dataset_fingerprint"),
-        backbone=c.backbone,
-        weights=c.meta.get("weights"),
-        layer=layer,
-        head=s.head,
+        kind="probe", cache=c.path.name, cache_path=str(c.path.resolve()),
+        dataset_fingerprint=c.meta.get("dataset_fingerprint"), backbone=c.backbone,
+        weights=c.meta.get("weights"), layer=layer, head=s.head,
         params={k: v for k, v in all_params.items() if k != "standardize"},
         params_set={k: v for k, v in all_params.items()
                     if k != "standardize" and defaults.get(k) != v},
-        standardize=s.standardize,
-        seed=s.seed,
-        val_fraction=s.val_fraction,
-        split_hash=split.hash,
-        n_train=len(split.train),
-        n_val=len(split.val),
-        n_invalid=split.n_invalid,
-        classes=c.classes,
+        standardize=s.standardize, seed=s.seed, val_fraction=s.val_fraction,
+        split_hash=split.hash, n_train=len(split.train), n_val=len(split.val),
+        n_invalid=split.n_invalid, classes=c.classes,
         train=compute_metrics(y_train, train_pred, labels),
-        val=compute_metrics(y_val, val_pred, labels),
-        fit_seconds=round(fit_seconds, 4),
-        sweep=sweep_info,
-        out_of_core=ooc,
-        majority_rate=majority_rate(y_train, y_val),
+        val=compute_metrics(y_val, val_pred, labels), fit_seconds=round(fit_seconds, 4),
+        sweep=sweep_info, out_of_core=ooc, majority_rate=majority_rate(y_train, y_val),
     )
     return rec, est
 
 
-def _grid_size(spec) -> int:
-    return int(np.prod([len(v) for v in spec.grid.values()]))
-
-
 def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:
     """NaN or inf (float16 storage overflows above 65504) would make the heads fail mid-fit."""
-    bad = sum(int((~np.isfinite(X[i:i + 4096])).any(axis=1).sum())
-              for i in range(0, len(X), 4096))
+    bad = non_finite_rows(X)
     if bad:
-        raise FeatprobeError(
-            f"{c.path.name}: features/{layer} has NaN or inf values in {bad} row(s); float16 "
-            "storage overflows above 65504 (re-extract with --dtype float32), or the file is "
-            "damaged (featprobe verify)"
-        )
+        raise FeatprobeError(f"{c.path.name}: features/{layer} has NaN or inf values in {bad} "
+                             "row(s); float16 storage overflows above 65504 (re-extract with "
+                             "--dtype float32), or the file is damaged (featprobe verify)")
 
 
 def _sweep(est, spec, X_train, y_train, X_val, y_val):

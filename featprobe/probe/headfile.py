@@ -1,18 +1,15 @@
 """Save and load fitted heads as plain arrays plus JSON: one ``.npz`` file, no pickle.
 
-``__meta__`` (JSON) holds featprobe's keys (format version, head name, class, params, library
-versions) and the caller's (classes, layer, backbone, weights, preprocessing...); ``__state__``
-(JSON) says how to rebuild the estimator: per step its class, ``get_params()`` and every fitted
-attribute, inline or as the name of an array in the archive. Only classes in
-:data:`ALLOWED_CLASSES` are ever constructed; a name read from a file is looked up, never
-imported. docs/heads.md specifies the format.
+``__meta__`` (JSON) holds featprobe's keys and the caller's; ``__state__`` (JSON) says how to
+rebuild the estimator: per step its class, ``get_params()`` and every fitted attribute, inline
+or as an array of the archive. Only classes in :data:`ALLOWED_CLASSES` are ever constructed (a
+name read from a file is looked up, never imported). docs/heads.md specifies the format.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featprobe import __version__
 from featprobe.errors import FeatprobeError
+from featprobe.files import atomic_write
 from featprobe.plain import is_plain, to_plain
 from featprobe.probe.registry import head_name, head_params
 from featprobe.probe.torch_heads import LinearHead, MLPHead
@@ -41,15 +39,11 @@ FORMAT_VERSION = 1
 # The names a head file gives classes: a stable part of the format (0.1.0's module names), not
 # where the classes live today.
 ALLOWED_CLASSES: dict[str, type] = {
-    "featprobe.heads.LinearHead": LinearHead,
-    "featprobe.heads.MLPHead": MLPHead,
+    "featprobe.heads.LinearHead": LinearHead, "featprobe.heads.MLPHead": MLPHead,
     "sklearn.linear_model.LogisticRegression": LogisticRegression,
-    # the out-of-core stand-in for logreg / svm (featprobe.probe.outofcore)
-    "sklearn.linear_model.SGDClassifier": SGDClassifier,
-    "sklearn.svm.LinearSVC": LinearSVC,
-    "sklearn.svm.SVC": SVC,
-    "sklearn.preprocessing.StandardScaler": StandardScaler,
-    "sklearn.pipeline.Pipeline": Pipeline,
+    "sklearn.linear_model.SGDClassifier": SGDClassifier,  # the out-of-core stand-in for logreg/svm
+    "sklearn.svm.LinearSVC": LinearSVC, "sklearn.svm.SVC": SVC,
+    "sklearn.preprocessing.StandardScaler": StandardScaler, "sklearn.pipeline.Pipeline": Pipeline,
 }
 _CLASS_NAMES = {cls: name for name, cls in ALLOWED_CLASSES.items()}
 _RESERVED = ("format_version", "featprobe_version", "head", "estimator_class", "standardize",
@@ -74,9 +68,8 @@ def _encode_params(est: BaseEstimator, skip: tuple[str, ...] = ()) -> dict:
             continue
         v = v.item() if isinstance(v, np.generic) else v
         if not is_plain(v):
-            raise FeatprobeError(
-                f"cannot save {type(est).__name__}: parameter {k}={v!r} is not plain JSON"
-            )
+            raise FeatprobeError(f"cannot save {type(est).__name__}: parameter {k}={v!r} is not "
+                                 "plain JSON")
         params[k] = v
     return params
 
@@ -109,11 +102,8 @@ def _encode_value(name: str, v: Any, key: str, arrays: dict) -> dict:
 
 def _encode_estimator(est: BaseEstimator, index: int, arrays: dict) -> dict:
     params = _encode_params(est)
-    attrs = {
-        k: _encode_value(k, v, f"s{index}.{k}", arrays)
-        for k, v in vars(est).items()
-        if k not in params and k not in _UNSAVED
-    }
+    attrs = {k: _encode_value(k, v, f"s{index}.{k}", arrays) for k, v in vars(est).items()
+             if k not in params and k not in _UNSAVED}
     return {"class": _class_name(est), "params": params, "attrs": attrs}
 
 
@@ -135,29 +125,18 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
     arrays: dict[str, np.ndarray] = {}
     if isinstance(estimator, Pipeline):
         steps = [s for _, s in estimator.steps]
-        state = {
-            "pipeline": {
-                "names": [n for n, _ in estimator.steps],
-                "params": _encode_params(estimator, skip=("steps",)),
-            }
-        }
+        state = {"pipeline": {"names": [n for n, _ in estimator.steps],
+                              "params": _encode_params(estimator, skip=("steps",))}}
     else:
         steps, state = [estimator], {"pipeline": None}
     state["steps"] = [_encode_estimator(s, i, arrays) for i, s in enumerate(steps)]
 
-    own = {
-        "format_version": FORMAT_VERSION,
-        "featprobe_version": __version__,
-        "head": name,
-        "estimator_class": _class_name(estimator),
-        "standardize": any(isinstance(s, StandardScaler) for s in steps[:-1]),
-        "params": head_params(estimator),
-        "library_versions": {
-            "scikit-learn": sklearn.__version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
-    }
+    own = {"format_version": FORMAT_VERSION, "featprobe_version": __version__, "head": name,
+           "estimator_class": _class_name(estimator),
+           "standardize": any(isinstance(s, StandardScaler) for s in steps[:-1]),
+           "params": head_params(estimator),
+           "library_versions": {"scikit-learn": sklearn.__version__, "torch": torch.__version__,
+                                "numpy": np.__version__}}
     try:
         theirs = to_plain(dict(meta))
     except TypeError as e:
@@ -168,27 +147,11 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
     arrays["__meta__"] = np.array(json.dumps({**theirs, **own}))
     arrays["__state__"] = np.array(json.dumps(state))
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FeatprobeError(f"cannot write head file {path}: {e.strerror or e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
     return path
 
 
@@ -255,10 +218,8 @@ def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
         if not isinstance(version, int) or version < 1:
             raise FeatprobeError(f"{where}: bad format_version {version!r}")
         if version > FORMAT_VERSION:
-            raise FeatprobeError(
-                f"{where} has head format_version {version}; this featprobe reads up to "
-                f"{FORMAT_VERSION}: upgrade featprobe"
-            )
+            raise FeatprobeError(f"{where} has head format_version {version}; this featprobe "
+                                 f"reads up to {FORMAT_VERSION}: upgrade featprobe")
         try:
             built = []
             for rec in steps:
@@ -272,18 +233,14 @@ def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
                 estimator = built[0]
             else:
                 steps = list(zip(pipeline["names"], built, strict=True))
-                estimator = _build(
-                    "sklearn.pipeline.Pipeline", {**pipeline["params"], "steps": steps}, where
-                )
+                estimator = _build("sklearn.pipeline.Pipeline",
+                                   {**pipeline["params"], "steps": steps}, where)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FeatprobeError(f"{where}: corrupt head state ({type(e).__name__}: {e})") from e
 
     saved = meta.get("library_versions", {}).get("scikit-learn")
     if saved and saved != sklearn.__version__:
-        warnings.warn(
-            f"{where} was saved with scikit-learn {saved}, loading with {sklearn.__version__}; "
-            "predictions of scikit-learn heads may differ",
-            UserWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"{where} was saved with scikit-learn {saved}, loading with "
+                      f"{sklearn.__version__}; predictions of scikit-learn heads may differ",
+                      UserWarning, stacklevel=2)
     return estimator, meta

@@ -1,12 +1,10 @@
 """Out-of-core fitting: heads trained from the HDF5 cache under a memory budget.
 
 When the split's rows would not fit the budget (``--max-memory``, default: half of the
-available RAM), torch heads train from a :class:`~featprobe.probe.rows.BlockRows` source
-(chunk-aligned blocks in a shuffle buffer, converted and standardised a minibatch at a time);
-heads registered with an ``sgd:<loss>`` stand-in fit ``SGDClassifier.partial_fit`` on the same
-buffers, with a notice. The budget covers the buffer, the blocks in flight, the minibatches and
-the head's weights and optimiser state: the buffer gets 40% of what remains after the weights.
-docs/heads.md explains the trade-offs; tests/test_outofcore.py checks the peak RSS.
+available RAM), torch heads train from a :class:`~featprobe.probe.rows.BlockRows` source (a
+shuffle buffer of chunk-aligned blocks); heads registered with an ``sgd:<loss>`` stand-in fit
+``SGDClassifier.partial_fit`` on the same buffers, with a notice. The budget covers the buffer,
+the blocks in flight, the minibatches and the head's weights and optimiser state.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ from featprobe.probe.rows import MIN_BLOCKS, SCAN_BYTES, BlockRows, open_layer
 from featprobe.probe.sweeps import _result, grid_points, score_each, train_stacked
 from featprobe.probe.torch_heads import _TorchHead
 
-__all__ = ["default_budget", "fit_out_of_core", "in_memory_bytes", "parse_size",
-           "resolve_budget"]
+__all__ = ["default_budget", "fit_out_of_core", "in_memory_bytes", "parse_size", "resolve_budget"]
 
 SGD_EPOCHS = 5  # passes of the SGDClassifier fallback
 log = logging.getLogger("featprobe")
@@ -42,19 +39,15 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 
 def parse_size(text: str | int) -> int:
-    """``"512MB"``, ``"2GB"``, ``"1.5GiB"``, ``"1000000"`` → bytes.
-
-    KB/MB/GB/TB (and K/M/G/T) are powers of 1000; KiB/MiB/GiB/TiB powers of 1024;
-    case-insensitive. Raises :class:`FeatprobeError` for anything else or a size ≤ 0.
-    """
+    """``"512MB"``, ``"1.5GiB"``, ``"1000000"`` → bytes (case-insensitive; KB/MB/GB/TB and
+    K/M/G/T are powers of 1000, KiB/MiB/GiB/TiB of 1024); FeatprobeError otherwise or ≤ 0."""
     if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
         value = int(text)
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
         if not m or m.group(2) not in _UNITS:
-            raise FeatprobeError(
-                f"bad memory size {text!r}; use e.g. 512MB, 2GB, 1.5GiB or a number of bytes"
-            )
+            raise FeatprobeError(f"bad memory size {text!r}; use e.g. 512MB, 2GB, 1.5GiB or a "
+                                 "number of bytes")
         value = int(float(m.group(1)) * _UNITS[m.group(2)])
     if value <= 0:
         raise FeatprobeError(f"memory size must be positive; got {text!r}")
@@ -89,11 +82,11 @@ def resolve_budget(max_memory: str | int | None) -> int:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return ""
+    return f"{n:.1f} TiB"
 
 
 def model_bytes(head, d: int, n_classes: int, n_heads: int = 1) -> int:
@@ -114,9 +107,6 @@ def in_memory_bytes(est, n_rows: int, d: int, itemsize: int, n_classes: int,
     if isinstance(head, _TorchHead):
         return total + model_bytes(head, d, n_classes, n_heads)
     return total + n_rows * d * 8  # lbfgs / liblinear / libsvm work on a float64 copy
-
-
-# --------------------------------------------------------------------------- fitting
 
 
 def streaming_scaler(source: BlockRows) -> StandardScaler:
@@ -148,11 +138,9 @@ def _buffer_budget(budget: int, weights: int, row_bytes: int, what: str) -> int:
     float32 minibatches, statistics and scoring passes, allocator slack)."""
     left = budget - weights
     if left < 4 * MIN_BLOCKS * row_bytes:
-        raise FeatprobeError(
-            f"--max-memory {_human(budget)} is too small for {what}: it needs at least "
-            f"{_human(weights + 4 * MIN_BLOCKS * row_bytes)} (weights and optimiser state "
-            f"{_human(weights)}); raise --max-memory"
-        )
+        raise FeatprobeError(f"--max-memory {_human(budget)} is too small for {what}: it needs "
+                             f"at least {_human(weights + 4 * MIN_BLOCKS * row_bytes)} (weights "
+                             f"and optimiser state {_human(weights)}); raise --max-memory")
     return left * 2 // 5
 
 
@@ -164,11 +152,9 @@ def _scan_bytes(budget: int) -> int:
 
 def fit_out_of_core(path, layer: str, est, spec: HeadSpec, train_rows, y_train, val_rows,
                     y_val, budget: int, sweep: bool, seed: int, progress: bool = True) -> dict:
-    """Fit ``est`` (an unfitted registry head or StandardScaler pipeline) from the file.
-
-    Returns ``{"estimator", "train_pred", "val_pred", "sweep_result", "info"}``; ``info``
-    is what goes into the run record's ``out_of_core``.
-    """
+    """Fit ``est`` (an unfitted registry head or StandardScaler pipeline) from the file; return
+    ``{"estimator", "train_pred", "val_pred", "sweep_result", "info"}`` (``info``: the run
+    record's ``out_of_core``)."""
     inner, standardize = split_pipeline(est)
     n_classes = len(np.unique(y_train))
     f, ds = open_layer(path, layer)
@@ -177,10 +163,9 @@ def fit_out_of_core(path, layer: str, est, spec: HeadSpec, train_rows, y_train, 
     features = _human(len(train_rows) * d * itemsize)
     if spec.out_of_core is None:
         torch_ready = [n for n, s in HEADS.items() if s.out_of_core]
-        raise FeatprobeError(
-            f"head {spec.name!r} needs all features in memory ({features} of them) and has no "
-            f"out-of-core variant; raise --max-memory or use {', '.join(torch_ready)}"
-        )
+        raise FeatprobeError(f"head {spec.name!r} needs all features in memory ({features} of "
+                             "them) and has no out-of-core variant; raise --max-memory or use "
+                             f"{', '.join(torch_ready)}")
     if sweep and spec.out_of_core != "torch":
         raise FeatprobeError(f"--sweep for {spec.name} needs the features in memory; raise "
                              "--max-memory or fit single parameter values")
@@ -192,8 +177,7 @@ def fit_out_of_core(path, layer: str, est, spec: HeadSpec, train_rows, y_train, 
             "estimator": f"featprobe.heads.{type(inner).__name__}"}
     sweep_result = None
     t0 = time.perf_counter()
-    with BlockRows(path, layer, train_rows, y_train, buffer_bytes, scan,
-                   progress=progress) as src:
+    with BlockRows(path, layer, train_rows, y_train, buffer_bytes, scan, progress=progress) as src:
         info.update(buffer_bytes=src.buffer_nbytes(), block_rows=src.block_rows,
                     blocks=len(src.blocks))
         scaler = None
@@ -249,11 +233,8 @@ def _sweep_out_of_core(src, inner, spec, seed, scaler, train_rows, y_train, val_
 
 
 def _sgd_fallback(src: BlockRows, loss: str, params: dict, seed: int) -> SGDClassifier:
-    """``SGDClassifier.partial_fit`` on shuffled buffers with the stand-in ``loss``.
-
-    ``alpha = 1 / (C * n_train)`` matches the regularisation of ``C`` in LogisticRegression /
-    LinearSVC (which sum the loss over rows where SGD averages it).
-    """
+    """``SGDClassifier.partial_fit`` on shuffled buffers with the stand-in ``loss``; ``alpha =
+    1 / (C * n_train)`` matches ``C`` (LogisticRegression / LinearSVC sum the loss over rows)."""
     C = float(params.get("C", 1.0))
     sgd = SGDClassifier(loss=loss, alpha=1.0 / (C * src.n), random_state=seed, average=False)
     classes = np.unique(src.y)

@@ -1,11 +1,5 @@
 """The one registry of heads: each entry names a scikit-learn estimator and states what it
-supports, so that no code outside this module branches on head names.
-
-A :class:`HeadSpec` says which parameter grid ``--sweep`` searches (``grid``), how the head
-trains when the features do not fit in memory (``out_of_core``: ``"torch"`` trains from a row
-source, ``"sgd:<loss>"`` stands in ``SGDClassifier(loss=...)``, ``None`` needs the features in
-memory) and whether it may be put behind a ``StandardScaler`` (``standardize``).
-"""
+supports (:class:`HeadSpec`), so that no code outside this module branches on head names."""
 
 from __future__ import annotations
 
@@ -52,8 +46,7 @@ class HeadSpec:
 
 
 HEADS: dict[str, HeadSpec] = {
-    spec.name: spec
-    for spec in (
+    spec.name: spec for spec in (
         HeadSpec("linear", LinearHead, "torch linear layer, AdamW + cross-entropy; GPU if present",
                  grid={"lr": (1e-4, 3e-4, 1e-3, 3e-3), "weight_decay": (0, 1e-4, 1e-2)},
                  out_of_core="torch"),
@@ -90,9 +83,8 @@ def make_head(name: str, standardize: bool = False, **params: Any) -> BaseEstima
     valid = spec.factory().get_params(deep=False)
     unknown = sorted(set(params) - set(valid))
     if unknown:
-        raise FeatprobeError(
-            f"unknown parameter {unknown[0]!r} for head {name!r}; valid: {', '.join(sorted(valid))}"
-        )
+        raise FeatprobeError(f"unknown parameter {unknown[0]!r} for head {name!r}; valid: "
+                             f"{', '.join(sorted(valid))}")
     if standardize and not spec.standardize:
         raise FeatprobeError(f"head {name!r} does not take --standardize")
     head = spec.factory(**{**spec.defaults, **params})
@@ -118,10 +110,8 @@ def head_name(estimator: BaseEstimator) -> str:
     ``SGDClassifier`` answers to the head it stood in for."""
     head, _ = split_pipeline(estimator)
     for spec in HEADS.values():
-        if type(head) is spec.factory:
-            return spec.name
-    for spec in HEADS.values():
-        if type(head) is SGDClassifier and spec.sgd_loss == head.loss:
+        if type(head) is spec.factory or (type(head) is SGDClassifier
+                                          and spec.sgd_loss == head.loss):
             return spec.name
     raise FeatprobeError(f"{type(head).__name__} is not a registered head")
 

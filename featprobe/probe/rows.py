@@ -1,10 +1,9 @@
 """Row sources: where the torch heads' training loop gets its minibatches.
 
-A row source has ``n`` and ``d``, ``batches(gen, batch_size, device)`` (one epoch of
-``(x float32 [k, D], y class indices [k])`` on the device, in an order drawn from ``gen``),
-``set_targets(y_idx)`` and ``check_finite()``. :class:`ArrayRows` holds its rows in memory (the
-cache's float16 rows, converted a minibatch at a time); :class:`BlockRows` reads them from the
-HDF5 cache in shuffled blocks under a memory budget (:mod:`featprobe.probe.outofcore`).
+A row source has ``n``, ``d``, ``batches(gen, batch_size, device)`` (one epoch of ``(x float32
+[k, D], y class indices [k])`` on the device, in an order drawn from ``gen``), ``set_targets``
+and ``check_finite``. :class:`ArrayRows` holds its rows in memory; :class:`BlockRows` reads them
+from the HDF5 cache in shuffled blocks under a memory budget.
 """
 
 from __future__ import annotations
@@ -35,26 +34,30 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
-def check_finite_rows(X: np.ndarray) -> None:
-    """Slow, exact scan; only run once training or inference has produced a non-finite value."""
-    Xt = as_tensor(X)
+def non_finite_rows(X: np.ndarray) -> int:
+    """How many rows of ``X`` hold NaN or inf: an exact scan in bounded pieces (numpy: fit
+    runs it in processes forked from one that used torch's thread pool)."""
     step = max(1, _CHECK_BYTES // (4 * max(1, X.shape[1])))
-    for s in range(0, X.shape[0], step):
-        if not bool(torch.isfinite(Xt[s : s + step]).all()):
-            raise ValueError("Input X contains NaN or infinity.")
+    return sum(int((~np.isfinite(X[s : s + step])).any(axis=1).sum())
+               for s in range(0, X.shape[0], step))
+
+
+def check_finite_rows(X: np.ndarray) -> None:
+    """Slow; only run once training or inference has produced a non-finite value."""
+    if non_finite_rows(X):
+        raise ValueError("Input X contains NaN or infinity.")
 
 
 class _Gather:
-    """Minibatch rows gathered and converted to float32 into buffers reused across steps, and
-    standardised in place when ``shift``/``scale`` are set. Reuse pays: a fresh 13 MB float32
-    batch per step (128 x 25,088) costs page faults that tripled a linear fit's time on 2 cores
-    (3.5 s instead of 1.2 s, bench/fit_speed.py)."""
+    """Minibatch rows gathered and converted to float32 into buffers reused across steps (a
+    fresh buffer per step costs page faults that dominate a small fit), standardised in place
+    when ``shift``/``scale`` are set."""
 
     def __init__(self, rows: int, d: int, dtype: torch.dtype, device: torch.device,
                  shift=None, scale=None):
         self.f32 = torch.empty(rows, d, dtype=torch.float32, device=device)
-        self.raw = None if dtype == torch.float32 else torch.empty(rows, d, dtype=dtype,
-                                                                    device=device)
+        self.raw = (None if dtype == torch.float32
+                    else torch.empty(rows, d, dtype=dtype, device=device))
         self.shift = None if shift is None else shift.to(device)
         self.scale = None if scale is None else scale.to(device)
 
@@ -120,11 +123,8 @@ def _read_selected(ds, lo, hi, rows, out, at, scratch):
 
 
 def read_rows(path, layer: str, rows) -> np.ndarray:
-    """The given rows of ``features/<layer>``, in the given order, as stored.
-
-    Reads chunk-aligned ranges of ~32 MiB (:func:`featprobe.cache.reader.read_rows`), so memory
-    is the result plus one range (not a copy of the whole dataset).
-    """
+    """The given rows of ``features/<layer>``, in the given order, as stored; memory is the
+    result plus one chunk-aligned range (:func:`featprobe.cache.reader.read_rows`)."""
     f, ds = open_layer(path, layer)
     with f:
         return read_dataset_rows(ds, rows, SCAN_BYTES)
@@ -174,8 +174,6 @@ class BlockRows:
     def buffer_nbytes(self) -> int:
         return self.buffer_rows * self.row_bytes
 
-    # ----- sequential passes
-
     def scan(self):
         """``(X_block, y_block)`` over all rows in file order, ~``scan_bytes`` at a time."""
         span = span_rows(self._ds, self.scan_bytes)
@@ -190,8 +188,6 @@ class BlockRows:
             if not np.isfinite(xb).all():
                 raise ValueError("Input X contains NaN or infinity.")
 
-    # ----- shuffled passes
-
     def _buffers(self, min_rows: int = 0):
         if self._buf is None:
             self.buffer_rows = max(self.buffer_rows, self.block_rows + min_rows)
@@ -200,12 +196,11 @@ class BlockRows:
         return self._buf, self._lab
 
     def fills(self, gen: torch.Generator, keep_multiple: int = 1):
-        """One epoch: yield ``(filled, perm, last)`` per buffer fill, blocks in random order.
+        """One epoch: yield ``(filled, perm, use)`` per buffer fill, blocks in random order.
 
-        ``buf[perm[:use]]`` are the rows to use now, with ``use`` a multiple of
-        ``keep_multiple`` except on the last fill; the caller must consume them before
-        advancing the generator, which then moves the remaining rows to the buffer's front.
-        Labels are class indices in ``self._lab`` (set by :meth:`set_targets`).
+        ``_buf[perm[:use]]`` (labels: ``_lab``) are the rows to use now, ``use`` a multiple of
+        ``keep_multiple`` except on the last fill; consume them before advancing the generator,
+        which then moves the remaining rows to the buffer's front.
         """
         buf, lab = self._buffers(keep_multiple)
         order = torch.randperm(len(self.blocks), generator=gen).tolist()

@@ -1,8 +1,7 @@
 """Sweeps: a head's registered parameter grid, trained and scored, the best point kept.
 
-A torch head's grid over ``lr`` × ``weight_decay`` trains in one pass (every grid point is a
-head of its own in the same loop, see :mod:`featprobe.probe.torch_heads`) and is scored in one
-pass (every linear head's logits in one matmul). Any other head fits once per grid point.
+A torch head's grid over ``lr`` × ``weight_decay`` trains in one pass (every grid point a head
+of the same loop) and linear heads are scored in one matmul. Other heads fit once per point.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ SCORES = ("train_accuracy", "val_accuracy")
 @dataclass
 class SweepResult:
     """Outcome of a sweep: ``grid`` (per point, in grid order: its parameters,
-    ``train_accuracy``, ``val_accuracy``), ``best`` (the point with the best val accuracy, ties to
-    the earlier), ``best_estimator_`` (fitted, the winner's) and ``estimators_`` (every point's).
-    """
+    ``train_accuracy``, ``val_accuracy``), ``best`` (the best val accuracy, ties to the earlier),
+    ``best_estimator_`` (fitted, the winner's) and ``estimators_`` (every point's)."""
 
     grid: list[dict]
     best: dict
@@ -40,8 +38,10 @@ class SweepResult:
 
 def grid_points(grid: dict[str, Sequence]) -> list[dict]:
     """The product of a grid's values, first key slowest (``lr``-major for the linear head)."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    if not points:
+        raise FeatprobeError("a sweep needs at least one grid point")
+    return points
 
 
 def _result(points: list[dict], fitted: list, train_acc, val_acc) -> SweepResult:
@@ -54,8 +54,6 @@ def _result(points: list[dict], fitted: list, train_acc, val_acc) -> SweepResult
 def train_stacked(proto: _TorchHead, points: list[dict], rows) -> list[_TorchHead]:
     """Every grid point of ``lr``/``weight_decay`` as one head of one training loop over
     ``rows``; ``proto`` has ``classes_`` and ``n_features_in_`` set. Returns fitted heads."""
-    if not points:
-        raise FeatprobeError("a sweep needs at least one grid point")
     unknown = {k for p in points for k in p} - {"lr", "weight_decay"}
     if unknown:
         raise FeatprobeError(f"a torch sweep varies lr and weight_decay, not {sorted(unknown)}")
@@ -72,10 +70,7 @@ def train_stacked(proto: _TorchHead, points: list[dict], rows) -> list[_TorchHea
         for k in ("classes_", "n_features_in_", "feature_names_in_"):
             if hasattr(proto, k):
                 setattr(est, k, getattr(proto, k))
-        est._store(params[g])
-        est.n_iter_ = int(proto.epochs)
-        est.loss_curve_ = [float(v) for v in curve[:, g]]
-        fitted.append(est)
+        fitted.append(est._fitted(params[g], curve[:, g]))
     return fitted
 
 
@@ -126,8 +121,6 @@ def sweep_head(est: BaseEstimator, grid: dict[str, Sequence], X_train, y_train, 
         X, y_idx = proto._validate_fit(X_train, y_train)
         fitted = train_stacked(proto, points, ArrayRows(X, y_idx))
     else:
-        if not points:
-            raise FeatprobeError("a sweep needs at least one grid point")
         # one float32 copy shared by all fits (lbfgs keeps float32; float16 would become float64)
         X_train = np.asarray(X_train, dtype=np.float32)
         X_val = np.asarray(X_val, dtype=np.float32)
@@ -143,18 +136,14 @@ def sweep_linear(X_train: ArrayLike, y_train: ArrayLike, X_val: ArrayLike, y_val
                  epochs: int = 30, batch_size: int = 128, device: str = "auto",
                  random_state: int | None = 0) -> SweepResult:
     """Train a grid of :class:`LinearHead` (lr × weight decay, lr-major) together in one pass
-    over the features; pick the best on val. Every grid point starts from the same
-    initialisation and sees the same minibatches, so point ``(lr, wd)`` ends with the weights
-    ``LinearHead(lr=lr, weight_decay=wd, ...)`` gets alone, up to float32 rounding.
-
-    Returns a :class:`SweepResult` whose ``grid`` entries have ``lr``, ``weight_decay``,
-    ``train_accuracy`` and ``val_accuracy``; ``best_estimator_`` is a fitted LinearHead.
+    over the features; pick the best on val. Point ``(lr, wd)`` ends with the weights
+    ``LinearHead(lr=lr, weight_decay=wd, ...)`` gets alone, up to float32 rounding. Returns a
+    :class:`SweepResult` whose ``best_estimator_`` is a fitted LinearHead.
     """
     head = LinearHead(epochs=epochs, batch_size=batch_size, device=device,
                       random_state=random_state)
-    return sweep_head(head, {"lr": [float(v) for v in lrs],
-                             "weight_decay": [float(v) for v in weight_decays]},
-                      X_train, y_train, X_val, y_val)
+    grid = {"lr": [float(v) for v in lrs], "weight_decay": [float(v) for v in weight_decays]}
+    return sweep_head(head, grid, X_train, y_train, X_val, y_val)
 
 
 def sweep_logreg(X_train: ArrayLike, y_train: ArrayLike, X_val: ArrayLike, y_val: ArrayLike,

@@ -1,13 +1,11 @@
 """The torch heads: :class:`LinearHead` and :class:`MLPHead`, scikit-learn estimators trained
 with autograd and ``torch.optim`` on minibatches of cached features.
 
-One training loop serves both, and it trains ``G`` heads side by side: each head has its own
-parameter tensors, in an optimiser parameter group of its own learning rate and weight decay,
-and every head sees the same initialisation and the same minibatches. A lone fit is ``G = 1``;
-:func:`featprobe.probe.sweeps.sweep_linear` is ``G = 12`` in one pass over the features (the
-DINOv2 linear-eval recipe). Rows come from a *row source* (:mod:`featprobe.probe.rows`): in
-memory, or read from the HDF5 cache in shuffled blocks; float16 features are converted to
-float32 a minibatch at a time, never as a whole.
+One training loop serves both and trains ``G`` heads side by side, each with its own parameters
+in an optimiser group of its own learning rate and weight decay, all from the same
+initialisation and minibatches: a lone fit is ``G = 1``, a sweep one pass over the features.
+Rows come from a row source (:mod:`featprobe.probe.rows`), converted to float32 a minibatch at
+a time.
 """
 
 from __future__ import annotations
@@ -48,6 +46,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+def _check_int(est, name: str) -> None:
+    v = getattr(est, name)
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+
+
 def _uniform(gen: torch.Generator, fan_in: int, *shape: int) -> torch.Tensor:
     """``nn.Linear``'s default initialisation, from a local generator."""
     bound = 1 / math.sqrt(fan_in)
@@ -57,62 +61,43 @@ def _uniform(gen: torch.Generator, fan_in: int, *shape: int) -> torch.Tensor:
 class _TorchHead(ClassifierMixin, BaseEstimator):
     """Validation, the training loop and inference shared by the torch heads.
 
-    Subclasses say what one head's parameters are (``_init``, with ``_decayed`` marking those
-    that get weight decay), the forward pass (``_forward``) and how the parameters are stored
-    as learned attributes (``_store``, ``_stored``).
+    Subclasses define one head's parameters (``_init``, with ``_decayed`` marking those that
+    get weight decay), the forward pass (``_forward(params, x, train=False)``), how the
+    parameters are stored as learned attributes (``_store``, ``_stored``) and ``n_parameters``.
     """
 
     _decayed: tuple[bool, ...] = ()
 
-    # ----- parameters and input
-
     def _check_params(self) -> None:
-        def pos_int(name):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
-
-        def real(name, low_open):
+        _check_int(self, "epochs")
+        _check_int(self, "batch_size")
+        for name, low_open in (("lr", True), ("weight_decay", False)):
             v = getattr(self, name)
             ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or v < 0 or (low_open and v == 0):
                 low = ">" if low_open else ">="
                 raise ValueError(f"{name} must be a number {low} 0; got {v!r}")
-
-        pos_int("epochs")
-        pos_int("batch_size")
-        real("lr", True)
-        real("weight_decay", False)
         rs = self.random_state
-        if rs is not None and (
-            not isinstance(rs, numbers.Integral) or isinstance(rs, bool) or rs < 0
-        ):
+        if rs is not None and (not isinstance(rs, numbers.Integral) or isinstance(rs, bool)
+                               or rs < 0):
             raise ValueError(f"random_state must be a non-negative integer or None; got {rs!r}")
         resolve_device(self.device, error=ValueError)
-
-    def _validate_X(self, X, reset: bool):
-        # non-finite values are checked for free by the loss / logits (see _train, _logits)
-        return validate_data(self, X, reset=reset, dtype=[np.float32, np.float16], order="C",
-                             ensure_all_finite=False)
 
     def _set_classes(self, y) -> np.ndarray:
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
-                f"({self.classes_[0]!r})"
-            )
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
+                             f"({self.classes_[0]!r})")
         return y_idx
 
     def _validate_fit(self, X, y) -> tuple[np.ndarray, np.ndarray]:
-        """Validate X, y and set ``classes_``, ``n_features_in_``; return X and class indices."""
+        """Validate X, y and set ``classes_``, ``n_features_in_``; return X and class indices.
+        Non-finite values are checked for free by the loss (see _train) and logits."""
         self._check_params()
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float16], order="C",
                              ensure_all_finite=False)
         return X, self._set_classes(y)
-
-    # ----- training
 
     def _optimizer(self, params: list[list[torch.Tensor]], lrs, wds) -> torch.optim.Optimizer:
         """One parameter group per distinct (lr, weight decay); biases get no weight decay."""
@@ -179,32 +164,21 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             rows.set_targets(self._set_classes(y))
             self.n_features_in_ = rows.d
         params, curve = self._train(rows, [float(self.lr)], [float(self.weight_decay)])
-        self._store(params[0])
+        return self._fitted(params[0], curve[:, 0])
+
+    def _fitted(self, params: list[torch.Tensor], curve: np.ndarray) -> _TorchHead:
+        """Set the learned attributes from one head's trained parameters and loss curve."""
+        self._store(params)
         self.n_iter_ = int(self.epochs)
-        self.loss_curve_ = [float(v) for v in curve[:, 0]]
+        self.loss_curve_ = [float(v) for v in curve]
         return self
-
-    # ----- what subclasses define
-
-    def _init(self, n_features: int, n_classes: int, gen: torch.Generator) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def _forward(self, params, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _store(self, params: list[torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def _stored(self) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    # ----- inference
 
     def _logits(self, X) -> np.ndarray:
         """Logits ``[n, C]``: float64 on CPU (a row's result does not depend on its batch),
         float32 on CUDA."""
         check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float16], order="C",
+                          ensure_all_finite=False)
         device = resolve_device(self.device, error=ValueError)
         dtype = torch.float64 if device.type == "cpu" else torch.float32
         params = [as_tensor(np.asarray(w)).to(device=device, dtype=dtype) for w in self._stored()]
@@ -290,7 +264,7 @@ class LinearHead(_TorchHead):
 
     def _forward(self, params, x, train=False):
         w, b = params
-        # (W x^T)^T: MKL runs [C, D] @ [D, k] 2.9x faster than x @ W^T for few classes
+        # (W x^T)^T: for few classes MKL runs [C, D] @ [D, k] much faster than x @ W^T
         return torch.addmm(b[:, None], w, x.T).T
 
     def _scores(self, params, x):
@@ -350,9 +324,7 @@ class MLPHead(_TorchHead):
 
     def _check_params(self) -> None:
         super()._check_params()
-        h = self.hidden
-        if not isinstance(h, numbers.Integral) or isinstance(h, bool) or h < 1:
-            raise ValueError(f"hidden must be an integer >= 1; got {h!r}")
+        _check_int(self, "hidden")
         p = self.dropout
         if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p < 1:
             raise ValueError(f"dropout must be a number in [0, 1); got {p!r}")

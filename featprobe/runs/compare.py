@@ -1,10 +1,6 @@
-"""Gather run records into one comparison table: DataFrame, text formats and a bar chart.
-
-One row per configuration -- (backbone, weights, layer, head, params without seed/device,
-standardize) -- with mean and standard deviation over the runs (seeds) of that configuration.
-Runs on different datasets (or with different val fractions) are never pooled into one row.
-The grouping rules and formats are documented in docs/runs.md.
-"""
+"""Gather run records into one comparison table: DataFrame, text formats and a bar chart. One row
+per configuration, mean and std over its seeds; runs on different datasets or val fractions are
+never pooled (docs/runs.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from featprobe.cache.format import default_cache_dir
 from featprobe.errors import FeatprobeError
 from featprobe.plain import to_plain
 from featprobe.runs.records import read_runs
@@ -29,14 +26,10 @@ FORMATS = ("table", "markdown", "csv", "json")
 _NOT_CONFIG = frozenset({"seed", "random_state", "device"})
 # Keys of a sweep's "best" entry that describe its score rather than its params.
 _SCORE_KEYS = frozenset({"score", "val_acc", "train_acc", "val", "train", "accuracy"})
-_METRICS = {  # column -> (record section, metric name)
-    "train_acc": ("train", "accuracy"),
-    "val_acc": ("val", "accuracy"),
-    "val_bal_acc": ("val", "balanced_accuracy"),
-    "val_f1": ("val", "macro_f1"),
-}
-_WITH_STD = ("train_acc", "val_acc", "val_bal_acc", "val_f1")
-_PERCENT = ("train_acc", "val_acc", "val_bal_acc", "val_f1", "majority_rate")
+_METRICS = {"train_acc": ("train", "accuracy"), "val_acc": ("val", "accuracy"),  # (section, key)
+            "val_bal_acc": ("val", "balanced_accuracy"), "val_f1": ("val", "macro_f1")}
+_WITH_STD = tuple(_METRICS)
+_PERCENT = (*_WITH_STD, "majority_rate")
 _GROUP = ("dataset", "backbone", "weights", "layer", "head", "params_key", "standardize",
           "val_fraction")
 
@@ -98,30 +91,19 @@ def _majority_rate(record: dict) -> float:
 
 def _run_row(record: dict) -> dict:
     params = _config_params(record)
-    row = {
-        "dataset": record.get("dataset_fingerprint"),
-        "backbone": record.get("backbone"),
-        "weights": record.get("weights"),
-        "layer": record.get("layer"),
-        "head": record.get("head"),
-        "params": _short(_shown_params(record, params)),
-        "params_key": json.dumps(params, sort_keys=True, default=str),
-        "standardize": record.get("standardize"),
-        "val_fraction": record.get("val_fraction"),
-        "seed": record.get("seed"),
-        "run_id": record.get("run_id"),
-        "kind": record.get("kind"),
-        "fit_seconds": _num(record.get("fit_seconds")),
-        "majority_rate": _majority_rate(record),
-    }
+    row = {k: record.get(k) for k in ("backbone", "weights", "layer", "head", "standardize",
+                                      "val_fraction", "seed", "run_id", "kind")}
+    row.update(dataset=record.get("dataset_fingerprint"), majority_rate=_majority_rate(record),
+               fit_seconds=_num(record.get("fit_seconds")),
+               params=_short(_shown_params(record, params)),
+               params_key=json.dumps(params, sort_keys=True, default=str))
     for column, (section, metric) in _METRICS.items():
         row[column] = _num((record.get(section) or {}).get(metric))
     return row
 
 
 def _records(source: str | os.PathLike | Iterable[dict] | None) -> list[dict]:
-    if source is None:
-        source = os.environ.get("FEATPROBE_CACHE", "cache")
+    source = default_cache_dir() if source is None else source
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).exists():
             raise FeatprobeError(f"{source}: no such cache directory or runs file")
@@ -137,24 +119,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan
 
 
-def compare(
-    source: str | os.PathLike | Iterable[dict] | None = None, *, group_seeds: bool = True
-) -> pd.DataFrame:
-    """One row per configuration, sorted by val accuracy, best first.
-
-    ``source`` is a cache directory, a runs.jsonl file or a list of records (default: the
-    ``FEATPROBE_CACHE`` directory, else ``cache``). With ``group_seeds`` the runs of one
-    configuration become one row holding the mean, the sample standard deviation (``*_std``,
-    NaN for a single run) and ``n_runs``; without it, every run is its own row. Accuracies are
-    fractions in [0, 1]. A ``dataset`` (short fingerprint) and a ``val_fraction`` column are
-    added when the runs span more than one of them.
-    """
+def compare(source: str | os.PathLike | Iterable[dict] | None = None, *,
+            group_seeds: bool = True) -> pd.DataFrame:
+    """One row per configuration, sorted by val accuracy, best first. ``source``: a cache directory,
+    a runs.jsonl file or records (default: $FEATPROBE_CACHE, else ``cache``). With ``group_seeds`` a
+    configuration's runs become one row of means, sample stds (``*_std``) and ``n_runs``;
+    ``dataset`` and ``val_fraction`` columns appear when the runs span several."""
     runs = [_run_row(r) for r in _records(source)]
     groups: dict[tuple, list[dict]] = {}
     for i, row in enumerate(runs):
         key = tuple(json.dumps(row[k], default=str) for k in _GROUP) if group_seeds else (i,)
         groups.setdefault(key, []).append(row)
-
     out = []
     for members in groups.values():
         row = {k: members[0][k] for k in (*_GROUP, "params", "kind")}
@@ -171,8 +146,7 @@ def compare(
         out.append(row)
 
     columns = ["dataset", "backbone", "weights", "layer", "head", "params", "standardize",
-               "val_fraction", "n_runs", "seeds", "train_acc", "train_acc_std", "val_acc",
-               "val_acc_std", "val_bal_acc", "val_bal_acc_std", "val_f1", "val_f1_std",
+               "val_fraction", "n_runs", "seeds", *(x for c in _METRICS for x in (c, c + "_std")),
                "fit_seconds", "majority_rate", "kind"]
     if not group_seeds:
         columns.append("run_id")
@@ -185,8 +159,6 @@ def compare(
     df = df.sort_values("val_acc", ascending=False, kind="mergesort", na_position="last")
     return df.reset_index(drop=True)
 
-
-# ---------------------------------------------------------------- formatting
 
 def _display(df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     """Human-readable strings: percentages with one decimal, ``± std`` when n_runs > 1."""
@@ -223,12 +195,8 @@ def _display(df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
 
 
 def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
-    """``df`` (from :func:`compare`) as ``table``, ``markdown``, ``csv`` or ``json`` text.
-
-    ``table`` and ``markdown`` are for people (percentages, one decimal, mean ± std);
-    ``csv`` and ``json`` hold every column at full precision (accuracies as fractions,
-    missing values empty / null).
-    """
+    """``df`` (from :func:`compare`) as ``table``, ``markdown`` (for people: percentages, mean ±
+    std), ``csv`` or ``json`` text (every column at full precision)."""
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
@@ -236,7 +204,6 @@ def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
         return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     if fmt not in FORMATS:
         raise FeatprobeError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-
     shown, numeric = _display(df)
     if fmt == "markdown":
         def line(cells: Iterable[str]) -> str:
@@ -246,7 +213,6 @@ def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
         body = [line(shown.columns), line(rule)]
         body += [line(row) for row in shown.itertuples(index=False)]
         return "\n".join(body) + "\n"
-
     if shown.empty:
         return "no runs\n"
     formatters = {}
@@ -257,8 +223,6 @@ def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
     text = shown.to_string(index=False, formatters=formatters, justify="left")
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
-
-# ---------------------------------------------------------------- plotting
 
 def _bar_label(r: pd.Series) -> str:
     if r.get("kind") == "baseline" or r.get("backbone") == "cnn":
@@ -280,10 +244,8 @@ def _bar_label(r: pd.Series) -> str:
 
 
 def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Horizontal bar chart of val accuracy (± std) saved as PNG; the baseline is orange.
-
-    A dashed line marks the majority-class rate when the runs carry it and come from one
-    dataset. Needs matplotlib (the ``plot`` extra); uses the Agg canvas, never a window.
+    """Horizontal bar chart of val accuracy (± std) saved as PNG; the baseline is orange, a dashed
+    line marks the majority-class rate (one dataset only). Needs matplotlib; never opens a window.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -293,7 +255,6 @@ def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         raise FeatprobeError("plotting needs matplotlib: pip install 'featprobe[plot]'") from exc
     if df.empty:
         raise FeatprobeError("nothing to plot: no runs")
-
     path = Path(path)
     n = len(df)
     acc = 100 * df["val_acc"].to_numpy(dtype=float)
@@ -315,7 +276,6 @@ def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     top = np.nanmax(acc + std) if np.isfinite(acc).any() else 100.0
     ax.set_xlim(0, min(105.0, top + 8))
     ax.set_xlabel("validation accuracy (%)")
-
     handles = [Patch(color="tab:blue", label="probe")]
     if baseline.any():
         handles.append(Patch(color="tab:orange", label="CNN baseline"))
@@ -327,7 +287,6 @@ def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
     multi = bool((df.get("n_runs", pd.Series(1, index=df.index)) > 1).any())
     ax.set_title("Validation accuracy" + (" (mean ± std over seeds)" if multi else ""))
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
     return path

@@ -1,11 +1,5 @@
-"""Run records and the append-only runs log (``runs.jsonl``).
-
-Every fit and baseline run appends one JSON object, on one line, to ``runs.jsonl`` in the
-cache directory; ``compare`` reads them back. The file is only ever appended to, under an
-exclusive file lock (``runs.jsonl.lock``, through filelock), so any number of concurrent
-processes can log to it safely, and featprobe never rewrites or truncates it. The record
-schema is documented in docs/runs.md.
-"""
+"""Run records and the append-only runs log (``runs.jsonl``, schema in docs/runs.md): one JSON line
+per run, appended under an exclusive file lock, never rewritten or truncated."""
 
 from __future__ import annotations
 
@@ -16,6 +10,7 @@ import os
 import platform
 import sys
 import uuid
+import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,49 +28,33 @@ __all__ = ["RUNS_FILE", "RECORD_FIELDS", "append_run", "compute_metrics", "make_
 RUNS_FILE = "runs.jsonl"
 
 # Every record carries all of these keys (None where not applicable); see docs/runs.md.
-RECORD_FIELDS = (
-    "run_id", "time", "kind", "cache", "cache_path", "dataset_fingerprint", "backbone",
-    "weights", "layer", "head", "params", "standardize", "seed", "val_fraction", "split_hash",
-    "n_train", "n_val", "n_invalid", "classes", "train", "val", "fit_seconds", "sweep",
-    "versions",
-)
+RECORD_FIELDS = ("run_id", "time", "kind", "cache", "cache_path", "dataset_fingerprint",
+                 "backbone", "weights", "layer", "head", "params", "standardize", "seed",
+                 "val_fraction", "split_hash", "n_train", "n_val", "n_invalid", "classes",
+                 "train", "val", "fit_seconds", "sweep", "versions")
 KINDS = ("probe", "baseline")
 _BASELINE_DEFAULTS = {"backbone": "cnn", "weights": "none", "layer": "pixels", "head": "cnn"}
 
 
 def compute_metrics(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> dict:
-    """Accuracy, balanced accuracy, macro F1 and the confusion matrix, as plain Python.
-
-    ``confusion_matrix`` has rows = true class, columns = predicted class, both in ``labels``
-    order. ``macro_f1`` averages over the classes present in ``y_true`` or ``y_pred`` (a class
-    absent from both says nothing about the classifier). Empty input gives None metrics.
-    """
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        f1_score,
-    )
+    """Accuracy, balanced accuracy, macro F1 and the confusion matrix (rows true, columns
+    predicted, in ``labels`` order), as plain Python. ``macro_f1`` averages over the classes
+    present in either (an absent class says nothing). Empty input gives None metrics."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
 
     y_true, y_pred, labels = np.asarray(y_true), np.asarray(y_pred), list(labels)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
     if y_true.size == 0:
-        zeros = [[0] * len(labels) for _ in labels]
         return {"n": 0, "accuracy": None, "balanced_accuracy": None, "macro_f1": None,
-                "confusion_matrix": zeros}
-    import warnings
-
+                "confusion_matrix": [[0] * len(labels) for _ in labels]}
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true" is expected
         warnings.simplefilter("ignore", UserWarning)
         bal = balanced_accuracy_score(y_true, y_pred)
-    return {
-        "n": int(y_true.size),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(bal),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
+    return {"n": int(y_true.size), "accuracy": float(accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": float(bal),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
 
 
 def majority_rate(y_train: np.ndarray, y_val: np.ndarray) -> float:
@@ -99,23 +78,16 @@ def _dist_version(module: str, dist: str) -> str | None:
 def _versions() -> dict:
     from featprobe import __version__
 
-    return {
-        "featprobe": __version__,
-        "torch": _dist_version("torch", "torch"),
-        "torchvision": _dist_version("torchvision", "torchvision"),
-        "sklearn": _dist_version("sklearn", "scikit-learn"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+    return {"featprobe": __version__, "torch": _dist_version("torch", "torch"),
+            "torchvision": _dist_version("torchvision", "torchvision"),
+            "sklearn": _dist_version("sklearn", "scikit-learn"), "numpy": np.__version__,
+            "python": platform.python_version()}
 
 
 def make_record(**fields: Any) -> dict:
-    """A run record: every schema field present (None if not given), plus any extras.
-
-    Fills ``run_id`` (uuid4 hex), ``time`` (UTC ISO-8601) and ``versions``; a ``kind`` of
-    ``"baseline"`` defaults backbone/weights/layer/head to cnn/none/pixels/cnn. Values are
-    converted to plain JSON types (numpy unwrapped, NaN -> None).
-    """
+    """A run record: every schema field (None if not given) plus any extras, with ``run_id``,
+    ``time`` and ``versions`` filled, baseline defaults for ``kind="baseline"``, and values as
+    plain JSON types (numpy unwrapped, NaN -> None)."""
     kind = fields.get("kind")
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -135,15 +107,10 @@ def _runs_path(directory_or_file: str | os.PathLike) -> Path:
 
 
 def append_run(directory: str | os.PathLike, record: dict) -> Path:
-    """Append ``record`` as one JSON line to ``<directory>/runs.jsonl``; return that path.
-
-    Safe with many concurrent writers: one write under the log's file lock, then fsync. If
-    the file ends in a partial line (a writer killed mid-write) a newline is written first, so
-    the new record stays intact and only the damaged line is reported by read_runs.
-    """
+    """Append ``record`` as one JSON line to ``<directory>/runs.jsonl`` under its lock, fsynced;
+    return that path. After a partial last line (a killed writer) a newline goes first."""
     path = _runs_path(directory)
-    line = json.dumps(to_plain(record), ensure_ascii=False, allow_nan=False) + "\n"
-    data = line.encode("utf-8")
+    data = (json.dumps(to_plain(record), ensure_ascii=False, allow_nan=False) + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _lock(path), open(path, "ab") as f:
@@ -169,12 +136,8 @@ def _last_byte(path: Path) -> bytes:
 
 
 def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
-    """All records in a runs log (a directory holding runs.jsonl, or the file itself).
-
-    A missing file is an empty log. A line that is not a JSON object -- including a final
-    line cut short by a writer killed mid-write -- raises FeatprobeError naming the file and
-    line number; featprobe never repairs the file itself. Blank lines are ignored.
-    """
+    """All records in a runs log (a directory holding runs.jsonl, or the file); a missing file is an
+    empty log. A line that is not a JSON object raises FeatprobeError naming file and line."""
     path = _runs_path(directory_or_file)
     if not path.exists():
         return []
@@ -190,7 +153,6 @@ def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
     finally:
         if lock is not None:
             lock.release()
-
     lines = raw.split(b"\n")
     unterminated = lines[-1] != b""  # the last line has no trailing newline
     records = []
@@ -204,13 +166,11 @@ def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
             why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
             if unterminated and number == len(lines):
                 why = f"incomplete last line, probably a writer killed mid-write ({why})"
-            raise FeatprobeError(
-                f"{where}: corrupted run record: {why}; fix or delete that line by hand"
-            ) from exc
+            raise FeatprobeError(f"{where}: corrupted run record: {why}; fix or delete that line "
+                                 "by hand") from exc
         if not isinstance(obj, dict):
             raise FeatprobeError(
                 f"{where}: corrupted run record: a JSON {type(obj).__name__}, not an object; "
-                "fix or delete that line by hand"
-            )
+                "fix or delete that line by hand")
         records.append(obj)
     return records
