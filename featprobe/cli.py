@@ -328,11 +328,8 @@ def fit(cache, head, layer, seed, val_fraction, standardize, sweep, epochs, batc
     """
     from featprobe.probe.fit import fit as run
 
-    extra = _parse_params(params)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
-                        ("weight_decay", weight_decay)):
-        if value is not None:
-            extra[name] = value
+    named = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
+    extra = {**_parse_params(params), **{k: v for k, v in named.items() if v is not None}}
     rec = run(cache, head=head, layer=layer, seed=seed, val_fraction=val_fraction,
               standardize=standardize, sweep=sweep, save=save, runs_dir=runs_dir,
               max_memory=max_memory, progress=_progress(False), **extra)

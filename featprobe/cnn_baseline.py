@@ -78,7 +78,7 @@ def _decode(ds: Dataset, image_size: int, workers: int | None, progress: bool) -
     """Every image of ``ds``, resized, as one uint8 tensor ``N x 3 x S x S``; unreadable files
     raise FeatprobeError (the baseline has no skip mode)."""
     n_workers = _workers(workers)
-    rows = ImageRows(ds, pixel_transform(squash(image_size)), image_size, fill_dtype=torch.uint8)
+    rows = ImageRows(ds, pixel_transform(squash(image_size)), image_size)
     loader = torch.utils.data.DataLoader(  # own generator: else it draws seeds from torch's RNG
         rows, batch_size=32, shuffle=False, num_workers=n_workers,
         prefetch_factor=4 if n_workers else None, generator=torch.Generator().manual_seed(0))

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import make_images
 from PIL import Image
-from torchvision.transforms._presets import ImageClassification
 
 from featprobe.data import Dataset, read_image_list
 from featprobe.extraction.images import BadImage, ImageRows, load_rgb
+from featprobe.extraction.pixels import pixel_transform
 
 ORIENTATION = 0x0112
 
@@ -249,7 +249,8 @@ def test_decompression_bomb(tmp_path, monkeypatch, limit, what):
 
 
 def _transform():
-    return ImageClassification(crop_size=32, resize_size=36)
+    return pixel_transform({"resize_size": [36], "crop_size": [32], "interpolation": "bilinear",
+                            "antialias": True})
 
 
 def test_image_rows_good_and_bad(tmp_path):
@@ -263,17 +264,17 @@ def test_image_rows_good_and_bad(tmp_path):
 
     i, x, reason = rows[2]
     assert i == 2 and reason == ""
-    assert isinstance(x, torch.Tensor) and x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 32, 32) and x.dtype == torch.uint8
     assert x.abs().sum() > 0
     # the same pixels through the transform directly: ImageRows adds nothing of its own
     assert torch.equal(x, _transform()(load_rgb(ds.path(2))))
-    # class 0 is dark red, class 1 bright blue: normalised means differ in sign
-    assert x[2].mean() < 0 < rows[3][1][2].mean()
+    # class 0 is dark red, class 1 bright blue
+    assert x[2].float().mean() < 64 < rows[3][1][2].float().mean()
 
     for k, expect in ((0, "cannot decode"), (1, "not an image")):
         i, x, reason = rows[k]
         assert i == k and reason.startswith(expect)
-        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and not x.any()
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and not x.any()
 
 
 def test_image_rows_non_square_and_gray_inputs(tmp_path):

@@ -9,8 +9,6 @@ same reasons for bad files. The tensor resize differs from PIL's by at most one 
 
 from __future__ import annotations
 
-import io
-import os
 import struct
 import warnings
 from collections import defaultdict
@@ -20,7 +18,7 @@ import torch
 from PIL import Image
 
 from featprobe.extraction import pixels
-from featprobe.extraction.images import BadImage, load_rgb
+from featprobe.extraction.images import ImageRows, pil_input
 
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
 _SOF_OK = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
@@ -145,16 +143,6 @@ def preprocess(images: Sequence[torch.Tensor], pre: dict, out: torch.Tensor | No
     return out
 
 
-def pil_input(data: bytes, transform, size: int) -> tuple[torch.Tensor, str]:
-    """One image (its bytes, or its path) through the PIL path with a :func:`featprobe.extraction.
-    pixels.pixel_transform`: (uint8 [3, s, s], "") or (zeros, reason)."""
-    try:
-        src = data if isinstance(data, (str, os.PathLike)) else io.BytesIO(data)
-        return transform(load_rgb(src)), ""
-    except BadImage as e:
-        return torch.zeros(3, size, size, dtype=torch.uint8), str(e) or "cannot decode"
-
-
 def decode_tensors(datas: list[torch.Tensor], device) -> list[torch.Tensor | None]:
     """:func:`decode_jpegs` in one call; when it fails, one by one (None for the culprits)."""
     try:
@@ -194,18 +182,10 @@ def _item(i: int, data: bytes, source, transform, size: int) -> tuple:
     return (i, None, *pil_input(source, transform, size))
 
 
-class EncodedRows(torch.utils.data.Dataset):
+class EncodedRows(ImageRows):
     """Rows as ``(index, jpeg bytes or None, PIL-path uint8 crop or None, reason)``: a worker
     reads and sniffs the file, and decodes with PIL and ``transform`` (the CPU path, with its
     reasons for bad files) only what the tensor decoder will not take."""
-
-    def __init__(self, ds, transform, size: int):
-        self.ds = ds
-        self.transform = transform
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.ds)
 
     def __getitem__(self, i: int):
         path = self.ds.path(i)

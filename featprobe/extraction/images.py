@@ -6,6 +6,8 @@ so the model sees the photo as a viewer shows it; bad files raise :class:`BadIma
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,8 +68,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def pil_input(source, transform, size: int) -> tuple[torch.Tensor, str]:
+    """One image (a path or its bytes) through the PIL path with a :func:`featprobe.extraction.
+    pixels.pixel_transform`: ``(uint8 [3, s, s], "")`` or ``(zeros, reason)``, a reason never
+    empty ("" means a good row)."""
+    try:
+        src = source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source)
+        return transform(load_rgb(src)), ""
+    except BadImage as e:
+        return torch.zeros(3, size, size, dtype=torch.uint8), str(e) or "cannot decode"
+
+
 class ImageRows(torch.utils.data.Dataset):
-    """Rows of a :class:`Dataset` as ``(index, tensor, reason)``; ``reason`` is "" when fine.
+    """Rows of a :class:`Dataset` as ``(index, uint8 crop, reason)`` (:func:`pil_input`).
 
     A bad image yields a zero tensor and its reason, so one file never kills a worker; the
     extraction loop decides (``--on-error``) whether that stops the run or marks the row invalid.
@@ -77,12 +90,10 @@ class ImageRows(torch.utils.data.Dataset):
     GIL): how a CPU device decodes, all cores between forward passes.
     """
 
-    def __init__(self, ds: Dataset, transform, size: int, fill_dtype=torch.float32,
-                 threads: int = 1):
+    def __init__(self, ds: Dataset, transform, size: int, threads: int = 1):
         self.ds = ds
         self.transform = transform
         self.size = size
-        self.fill_dtype = fill_dtype
         self.threads = threads
         self._pool = None
 
@@ -100,8 +111,4 @@ class ImageRows(torch.utils.data.Dataset):
         return {**self.__dict__, "_pool": None}
 
     def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_rgb(self.ds.path(i))), ""
-        except BadImage as e:
-            reason = str(e) or "cannot decode"  # never empty: "" means a good row
-            return i, torch.zeros(3, self.size, self.size, dtype=self.fill_dtype), reason
+        return (i, *pil_input(self.ds.path(i), self.transform, self.size))

@@ -76,12 +76,11 @@ def extract(
 
 
 def _check(s: ExtractSettings) -> None:
-    if s.on_error not in ON_ERROR:
-        raise FeatprobeError(f"--on-error must be fail or skip, got {s.on_error!r}")
-    if s.dtype not in DTYPES:
-        raise FeatprobeError(f"--dtype must be float16 or float32, got {s.dtype!r}")
-    if s.decode not in DECODES:
-        raise FeatprobeError(f"--decode must be auto, cpu or gpu, got {s.decode!r}")
+    for option, value, allowed in (("--on-error", s.on_error, ON_ERROR),
+                                   ("--dtype", s.dtype, DTYPES), ("--decode", s.decode, DECODES)):
+        if value not in allowed:
+            raise FeatprobeError(f"{option} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                                 f"got {value!r}")
 
 
 def run_extract(ds: Dataset, s: ExtractSettings, directory: Path,

@@ -40,7 +40,7 @@ def image_loader(ds, pre, dev, decode, batches, workers):
         rows, collate = gpu_decode.EncodedRows(ds, transform, size), gpu_decode.collate_encoded
     else:
         threads = torch.get_num_threads() if workers == 0 else 1
-        rows = ImageRows(ds, transform, size, fill_dtype=torch.uint8, threads=threads)
+        rows = ImageRows(ds, transform, size, threads=threads)
         collate = None
     loader = torch.utils.data.DataLoader(rows, batch_sampler=batches, num_workers=workers,
                                          collate_fn=collate, pin_memory=dev.type == "cuda",
