@@ -468,10 +468,3 @@ def weights_add(file, backbone):
 
     click.echo(str(add_checkpoint(file, backbone)))
 
-
-def run() -> None:  # pragma: no cover - console entry for python -m featprobe
-    main(prog_name="featprobe")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -145,9 +145,7 @@ def read_csv_dataset(csv_path: str | Path, images: str | Path | None = None,
         labels, classes = _encode_labels(column(label_col, "label"))
     if not root.is_dir():
         raise FeatprobeError(f"image folder not found: {root} (pass --images DIR)")
-    ds = Dataset(root, ids, labels, classes or [], source=str(csv_path))
-    _check(ds)
-    return ds
+    return _checked(Dataset(root, ids, labels, classes or [], source=str(csv_path)))
 
 
 def _image_files(folder: Path, relative_to: Path) -> list[str]:
@@ -176,9 +174,7 @@ def read_folder_dataset(root: str | Path) -> Dataset:
         raise FeatprobeError(f"no images found under {root}: expected {root}/<class>/<image> "
                              f"with extensions {', '.join(IMAGE_EXTENSIONS)}")
     labels, classes = _encode_labels(raw)
-    ds = Dataset(root, ids, labels, classes, source=str(root))
-    _check(ds)
-    return ds
+    return _checked(Dataset(root, ids, labels, classes, source=str(root)))
 
 
 def read_image_list(paths: list[str | Path] | str | Path) -> Dataset:
@@ -194,13 +190,12 @@ def read_image_list(paths: list[str | Path] | str | Path) -> Dataset:
             raise FeatprobeError("no images given")
         root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
         ids = [os.path.relpath(p.resolve(), root) for p in files]
-    ds = Dataset(root, ids, None, [], source=str(paths))
-    _check(ds)
-    return ds
+    return _checked(Dataset(root, ids, None, [], source=str(paths)))
 
 
-def _check(ds: Dataset) -> None:
-    """Duplicate ids, missing files, empty datasets: one line naming the first offenders."""
+def _checked(ds: Dataset) -> Dataset:
+    """``ds``, once free of duplicate ids, missing files and emptiness (else one line naming
+    the first offenders)."""
     if not ds.ids:
         raise FeatprobeError(f"dataset {ds.source} is empty")
     dupes = sorted(k for k, n in Counter(ds.ids).items() if n > 1)
@@ -210,6 +205,7 @@ def _check(ds: Dataset) -> None:
     if missing:
         raise FeatprobeError(f"{len(missing)} of {len(ds.ids)} images not found in {ds.root}: "
                              f"{some(missing)}")
+    return ds
 
 
 def load_dataset(data: str | Path, images: str | Path | None = None, image_col: str | None = None,

@@ -9,13 +9,12 @@ same reasons for bad files. The tensor resize differs from PIL's by at most one 
 
 from __future__ import annotations
 
-import struct
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from featprobe.extraction import pixels
 from featprobe.extraction.images import ImageRows, pil_input
@@ -70,7 +69,7 @@ def sniff(data: bytes) -> str:
                 return "very large JPEG"  # PIL's decompression-bomb check decides
             sof = m
         elif m == 0xE1 and seg[:6] == b"Exif\x00\x00":
-            if _exif_orientation(seg[6:]) != 1:
+            if _exif_orientation(seg) != 1:
                 return "EXIF orientation"
         elif m == 0xE1 and seg.startswith(b"http://ns.adobe.com/xap/") and b"Orientation" in seg:
             return "XMP orientation"  # Pillow reads it when EXIF has none
@@ -80,19 +79,14 @@ def sniff(data: bytes) -> str:
     return "" if sof is not None else "malformed JPEG header"
 
 
-def _exif_orientation(tiff: bytes) -> int:
-    """IFD0's Orientation (1 when absent); 0 when the block cannot be read."""
+def _exif_orientation(segment: bytes) -> int:
+    """IFD0's Orientation as Pillow reads it (1 when absent); 0 when the block cannot be read."""
     try:
-        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
-        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
-        (count,) = struct.unpack_from(order + "H", tiff, ifd)
-        for k in range(count):
-            tag, kind = struct.unpack_from(order + "HH", tiff, ifd + 2 + 12 * k)
-            if tag == 0x0112:
-                return struct.unpack_from(order + "H", tiff, ifd + 10 + 12 * k)[0] * (kind == 3)
-    except (KeyError, struct.error):
+        exif = Image.Exif()
+        exif.load(segment)
+        return int(exif.get(ExifTags.Base.Orientation, 1))
+    except Exception:  # a malformed block: let PIL's own path decide
         return 0
-    return 1
 
 
 def decode_jpegs(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 
 from featprobe.cache.reader import iter_rows
 from featprobe.errors import FeatprobeError
-from featprobe.probe.registry import HEADS, HeadSpec, split_pipeline
+from featprobe.probe.registry import HEADS, HeadSpec, plain_params, split_pipeline
 from featprobe.probe.rows import MIN_BLOCKS, SCAN_BYTES, BlockRows, open_layer
 from featprobe.probe.sweeps import _result, grid_points, score_each, train_stacked
 from featprobe.probe.torch_heads import _TorchHead
@@ -195,8 +195,7 @@ def fit_out_of_core(path, layer: str, est, spec: HeadSpec, train_rows, y_train, 
             info.update(estimator="sklearn.linear_model.SGDClassifier",
                         fallback=f"SGDClassifier(loss={fitted.loss!r}, alpha={fitted.alpha:.3g}) "
                                  f"partial_fit, {SGD_EPOCHS} epochs",
-                        sgd_params={k: v for k, v in fitted.get_params().items()
-                                    if isinstance(v, (int, float, str, bool, type(None)))})
+                        sgd_params=plain_params(fitted))
             log.warning(f"note: {spec.name} on {features} of features over the {_human(budget)} "
                         f"memory budget: fitting {info['fallback']} instead")
         if scaler is not None:

@@ -28,8 +28,7 @@ _NOT_CONFIG = frozenset({"seed", "random_state", "device"})
 _SCORE_KEYS = frozenset({"score", "val_acc", "train_acc", "val", "train", "accuracy"})
 _METRICS = {"train_acc": ("train", "accuracy"), "val_acc": ("val", "accuracy"),  # (section, key)
             "val_bal_acc": ("val", "balanced_accuracy"), "val_f1": ("val", "macro_f1")}
-_WITH_STD = tuple(_METRICS)
-_PERCENT = (*_WITH_STD, "majority_rate")
+_PERCENT = (*_METRICS, "majority_rate")
 _GROUP = ("dataset", "backbone", "weights", "layer", "head", "params_key", "standardize",
           "val_fraction")
 
@@ -139,7 +138,7 @@ def compare(source: str | os.PathLike | Iterable[dict] | None = None, *,
         for column in (*_METRICS, "fit_seconds", "majority_rate"):
             mean, std = _mean_std([m[column] for m in members])
             row[column] = mean
-            if column in _WITH_STD:
+            if column in _METRICS:
                 row[f"{column}_std"] = std
         if not group_seeds:
             row["run_id"] = members[0]["run_id"]
@@ -168,8 +167,7 @@ def _display(df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
             if c in df.columns]
     if "run_id" in show:  # one row per run: say which seed it was
         show.insert(show.index("n_runs") + 1, "seeds")
-    numeric = {"val_fraction", "n_runs", "train_acc", "val_acc", "val_bal_acc", "val_f1",
-               "fit_seconds"}
+    numeric = {"val_fraction", "n_runs", *_METRICS, "fit_seconds"}
     rows = []
     for _, r in df.iterrows():
         cells = {}
