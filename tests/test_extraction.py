@@ -434,6 +434,8 @@ def test_verify_catches_edited_rows(tmp_path, edit):
                              dtype=h5py.string_dtype())
     with pytest.raises(FeatprobeError, match="ids/labels/valid/classes do not match"):
         featprobe.cache.verify(cache.path)
+    with pytest.raises(FeatprobeError, match="ids/labels/valid/classes do not match"):
+        featprobe.fit(cache.path, head="logreg", record=False)  # every reader, not just verify
 
 
 def test_loaded_weights_are_built_on_meta_and_assigned(tmp_path, monkeypatch):

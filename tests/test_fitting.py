@@ -101,10 +101,13 @@ def test_invalid_rows_excluded(tmp_path):
     c = synthetic_cache(tmp_path / "c")
     import h5py
 
-    with h5py.File(c.path, "a") as f:
+    from featprobe.cache.format import rows_digest
+
+    with h5py.File(c.path, "a") as f:  # as if 7 images had been unreadable
         v = f["valid"][()]
         v[:7] = False
         f["valid"][...] = v
+        f.attrs["rows_sha256"] = rows_digest(c.ids, c.labels, v, c.classes)
     rec = fit(featprobe.FeatureCache(c.path), head="logreg")
     assert rec["n_invalid"] == 7 and rec["n_train"] + rec["n_val"] == 293
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featprobe.cache.format import FORMAT_VERSION, PARTIAL_SUFFIX, decode_attr, text
+from featprobe.cache.format import FORMAT_VERSION, PARTIAL_SUFFIX, decode_attr, rows_digest, text
 from featprobe.errors import FeatprobeError
 
 
@@ -40,6 +40,8 @@ class FeatureCache:
                 self.layers = list(self.meta["layers"])
                 self.shapes = {k: f["features"][k].shape for k in self.layers}
                 self.dtypes = {k: f["features"][k].dtype for k in self.layers}
+                # caches before per-chunk checksums (featprobe 0.1.0): see docs/reliability.md
+                self.checksummed = all(f["features"][k].fletcher32 for k in self.layers)
                 bad = f["bad"][()] if "bad" in f else np.empty((0, 2), dtype=object)
                 self.bad = [tuple(text(x) for x in row) for row in bad]
             self._check_rows()
@@ -73,6 +75,10 @@ class FeatureCache:
         for layer, shape in self.shapes.items():
             if len(shape) != 2 or shape[0] != n:
                 problems.append(f"features/{layer} has shape {shape}, expected ({n}, D)")
+        recorded = self.meta.get("rows_sha256")
+        if not problems and recorded and rows_digest(self.ids, self.labels, self.valid,
+                                                      self.classes) != recorded:
+            problems.append("ids/labels/valid/classes do not match their recorded SHA-256")
         if problems:
             raise FeatprobeError(f"{self.path} is damaged: {'; '.join(problems)}")
 
@@ -156,8 +162,22 @@ def iter_rows(ds, rows, scan_bytes: int = 32 << 20):
     span = span_rows(ds, scan_bytes)
     scratch = np.empty((span, ds.shape[1]), dtype=ds.dtype)
     for lo, hi, a, b in row_ranges(srt, span, ds.shape[0]):
-        ds.read_direct(scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
+        read_block(ds, scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
         yield order[a:b], scratch[srt[a:b] - lo]  # fancy indexing: a copy, not the scratch
+
+
+def read_block(ds, out: np.ndarray, rows: slice, at: slice) -> None:
+    """``ds.read_direct(out, rows, at)``; an HDF5 read error (a chunk whose Fletcher-32
+    checksum no longer matches among them) becomes one line naming the file."""
+    try:
+        ds.read_direct(out, rows, at)
+    except OSError as e:
+        why = str(e).splitlines()[0]
+        if ds.fletcher32 and "filter" in why:
+            why = "a chunk's Fletcher-32 checksum does not match its bytes"
+        raise FeatprobeError(f"cannot read {ds.name} rows {rows.start}-{rows.stop - 1} of "
+                             f"{ds.file.filename}: {why}; the file is damaged: re-extract it"
+                             ) from None
 
 
 @contextmanager

@@ -244,8 +244,9 @@ class H5Builder:
             if layer not in self.datasets:
                 dim = x.shape[1]
                 chunk = max(1, min(self.n, (1 << 20) // (dim * np.dtype(self.dtype).itemsize)))
-                self.datasets[layer] = self.f.create_dataset(
-                    f"features/{layer}", shape=(self.n, dim), dtype=self.dtype, chunks=(chunk, dim))
+                self.datasets[layer] = self.f.create_dataset(  # checksummed per chunk: every
+                    f"features/{layer}", shape=(self.n, dim), dtype=self.dtype,  # read checks
+                    chunks=(chunk, dim), fletcher32=True)
             self.datasets[layer][rows] = x
             if self.f.write_guard.error is not None:  # HDF5 may swallow it until the flush
                 raise self.f.write_guard.error

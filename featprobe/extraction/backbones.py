@@ -7,6 +7,7 @@ of its last ``nn.Linear``). A layer may also be a module path (``features.28``),
 
 from __future__ import annotations
 
+import pickle
 import urllib.error
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from featprobe.extraction.weights import (
     checkpoint_path,
     load_state_dict,
     resolve_weights,
+    safe_unpickling,
+    unsafe_reason,
     weights_enum,
 )
 
@@ -156,17 +159,22 @@ def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
     if choice.kind == "torchvision":
         path = checkpoint_path(choice.enum)
         try:
-            model = _weights_on_meta(backbone, choice.enum, lambda: choice.enum.get_state_dict(
-                progress=True, check_hash=True))
-            if model is None:
-                model = torchvision.models.get_model(backbone, weights=choice.enum)
+            with safe_unpickling():  # torchvision's loader asks torch.load for weights_only=False
+                model = _weights_on_meta(backbone, choice.enum, lambda: choice.enum.get_state_dict(
+                    progress=True, check_hash=True))
+                if model is None:
+                    model = torchvision.models.get_model(backbone, weights=choice.enum)
+        except pickle.UnpicklingError as e:
+            raise FeatprobeError(f"refusing {path}: {unsafe_reason(e)}; it is not the file "
+                                 f"torchvision publishes ({choice.enum.url}): delete it") from None
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             if path.is_file() and not isinstance(e, urllib.error.URLError):
                 raise FeatprobeError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
             raise FeatprobeError(f"weights {choice.identity} are not on this machine and could not "
                                  f"be downloaded ({type(e).__name__}); put {path.name} "
-                                 f"({choice.enum.url}) in {path.parent}, or pass --weights PATH "
-                                 "to a local state dict") from None
+                                 f"({choice.enum.url}) in {path.parent} (`featprobe weights add "
+                                 "FILE` checks and copies it), or pass --weights PATH to a local "
+                                 "state dict") from None
     elif choice.kind == "file":
         state = load_state_dict(choice.name)
         model = _matching(lambda: _weights_on_meta(backbone, None, lambda: state), choice.name,

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -87,14 +88,39 @@ def weights_sha256(choice: WeightsChoice) -> str | None:
     return None
 
 
+@contextmanager
+def safe_unpickling():
+    """Every ``torch.load`` inside runs with ``weights_only=True``, torchvision's and
+    torch.hub's included (they ask for ``weights_only=False``): torch's own switch,
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, read at each call. A planted checkpoint cannot run code."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    os.environ[keys[0]] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def unsafe_reason(e: BaseException) -> str:
+    """Why a weights file was refused, in one line, without torch's advice to load it unsafely."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    found = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler" in ln]
+    why = found[0].split(" Please use")[0] if found else (lines[0] if lines else type(e).__name__)
+    if "weights_only" in why or "Weights only" in why:
+        why = "it holds Python objects other than tensors"
+    return why.removeprefix("WeightsUnpickler error: ")
+
+
 def load_state_dict(path: str | os.PathLike) -> dict:
     """A state dict from a local file, refusing anything that would need pickle to execute code."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with safe_unpickling():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FeatprobeError(f"cannot load weights {path} safely (weights_only=True): {first}"
-                             ) from None
+        raise FeatprobeError(f"cannot load weights {path} safely (only tensors are loaded): "
+                             f"{unsafe_reason(e)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -122,6 +148,7 @@ def add_checkpoint(file: str | os.PathLike, backbone: str | None = None) -> Path
         if src.name not in names:
             raise FeatprobeError(f"{src.name} is not one of {backbone}'s published files: "
                                  f"{', '.join(sorted(names))}")
+    load_state_dict(src)  # a state dict of tensors, or refused before anything is copied
     dest = Path(torch.hub.get_dir()) / "checkpoints" / src.name
     if dest.is_file() and sha256_file(dest) == digest:
         return dest

@@ -6,6 +6,7 @@ appends a record to the runs log in the cache's directory, which ``featprobe com
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from featprobe.probe.rows import non_finite_rows, read_rows
 from featprobe.probe.sweeps import SCORES, grid_points, sweep_head
 from featprobe.runs.records import append_run, compute_metrics, majority_rate, make_record
 from featprobe.splits import split as make_split
+
+log = logging.getLogger("featprobe")
 
 # The metadata a saved head carries so that `predict` can rebuild its exact feature extractor.
 HEAD_META_KEYS = ("backbone", "weights", "weights_id", "weights_file", "weights_sha256", "dtype",
@@ -77,6 +80,10 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
     budget = outofcore.resolve_budget(s.max_memory)
     spec = spec_of(s.head)
     layer = c._layer(s.layer)
+    if not c.checksummed:
+        log.warning(f"warning: {c.path.name} has no per-chunk checksums (made by featprobe "
+                    "0.1.0): damage in its features goes unseen here; `featprobe verify` checks "
+                    "them in full, re-extracting adds the checksums")
     split = make_split(c.ids, c.labels, val_fraction=s.val_fraction, seed=s.seed, valid=c.valid)
     est = make_head(s.head, standardize=s.standardize, **s.params)
     inner, _ = split_pipeline(est)

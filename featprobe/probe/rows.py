@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featprobe.cache.reader import chunk_rows, row_ranges, span_rows
+from featprobe.cache.reader import chunk_rows, read_block, row_ranges, span_rows
 from featprobe.cache.reader import read_rows as read_dataset_rows
 from featprobe.errors import FeatprobeError
 
@@ -115,9 +115,9 @@ def _read_selected(ds, lo, hi, rows, out, at, scratch):
     """Rows ``rows`` (sorted, all in ``[lo, hi)``) → ``out[at : at + len(rows)]``."""
     k = len(rows)
     if k == hi - lo:  # the whole range is wanted: read straight into place
-        ds.read_direct(out, np.s_[lo:hi], np.s_[at : at + k])
+        read_block(ds, out, np.s_[lo:hi], np.s_[at : at + k])
     else:
-        ds.read_direct(scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
+        read_block(ds, scratch, np.s_[lo:hi], np.s_[0 : hi - lo])
         np.take(scratch, rows - lo, axis=0, out=out[at : at + k])
     return k
 
