@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -181,3 +183,43 @@ def test_a_0_1_0_cache_is_read_with_a_warning(tmp_path):
     shutil.copy(src, tmp_path / "cache.h5")
     code, out = cli("fit", tmp_path / "cache.h5", "--head", "logreg")
     assert code == 0 and out.count("no per-chunk checksums") == 1 and "featprobe verify" in out
+
+
+# ------------------------------------------------------------------------ 5. torn records
+
+_APPEND_ON_A_FULL_DISK = r"""
+import resource, signal, sys
+from featprobe.errors import FeatprobeError
+from featprobe.runs.records import append_run
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails like ENOSPC
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    append_run(sys.argv[1], {"run": "big", "pad": "x" * 4000})
+except FeatprobeError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("room", [0, 1, 100, 3000])
+def test_a_full_disk_during_an_append_leaves_no_torn_line(tmp_path, room):
+    from featprobe.runs.records import append_run, read_runs
+
+    append_run(tmp_path, {"run": "first"})
+    path = tmp_path / "runs.jsonl"
+    before = path.read_bytes()
+    out = subprocess.run([sys.executable, "-c", _APPEND_ON_A_FULL_DISK, str(tmp_path),
+                          str(len(before) + room)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("refused: cannot append"), out
+    assert path.read_bytes() == before  # the partial write was cut off again
+    append_run(tmp_path, {"run": "after"})
+    assert [r["run"] for r in read_runs(tmp_path)] == ["first", "after"]
+
+
+def test_compare_keeps_every_run_before_a_torn_last_line(small_cache):
+    code, _ = cli("fit", small_cache.path, "--head", "logreg")
+    assert code == 0
+    with open(small_cache.directory / "runs.jsonl", "a") as f:
+        f.write('{"run_id": "x", "val": {"accur')
+    code, out = cli("compare", small_cache.directory, "--format", "csv")
+    assert code == 0 and "skipped an incomplete last line" in out and "logreg" in out

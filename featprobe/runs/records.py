@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import sys
@@ -26,6 +27,7 @@ __all__ = ["RUNS_FILE", "RECORD_FIELDS", "append_run", "compute_metrics", "make_
            "read_runs"]
 
 RUNS_FILE = "runs.jsonl"
+log = logging.getLogger("featprobe")
 
 # Every record carries all of these keys (None where not applicable); see docs/runs.md.
 RECORD_FIELDS = ("run_id", "time", "kind", "cache", "cache_path", "dataset_fingerprint",
@@ -108,17 +110,25 @@ def _runs_path(directory_or_file: str | os.PathLike) -> Path:
 
 def append_run(directory: str | os.PathLike, record: dict) -> Path:
     """Append ``record`` as one JSON line to ``<directory>/runs.jsonl`` under its lock, fsynced;
-    return that path. After a partial last line (a killed writer) a newline goes first."""
+    return that path. A write that fails part-way (a full disk) is cut off again, and a torn
+    last line left by a killed writer (writers hold the lock, so its writer is gone) is cut off
+    first: the log keeps whole lines only."""
     path = _runs_path(directory)
     data = (json.dumps(to_plain(record), ensure_ascii=False, allow_nan=False) + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(path), open(path, "ab") as f:
-            if f.tell() and _last_byte(path) != b"\n":
-                data = b"\n" + data
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        with _lock(path), open(path, "ab", buffering=0) as f:
+            start = f.seek(0, os.SEEK_END)
+            if start and _last_byte(path) != b"\n":
+                start = _cut_torn_line(f, path, start)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view):]
+                os.fsync(f.fileno())
+            except OSError:
+                os.ftruncate(f.fileno(), start)
+                raise
     except OSError as exc:
         raise FeatprobeError(f"cannot append to {path}: {exc.strerror or exc}") from exc
     return path
@@ -127,6 +137,23 @@ def append_run(directory: str | os.PathLike, record: dict) -> Path:
 def _lock(path: Path) -> FileLock:
     """The runs log's lock: a file beside it, held for one append or one read."""
     return FileLock(path.with_name(path.name + ".lock"))
+
+
+def _cut_torn_line(f, path: Path, end: int) -> int:
+    """Truncate ``f`` after its last newline unless the unterminated last line is a whole
+    record; return where the next line starts."""
+    with open(path, "rb") as r:
+        r.seek(max(0, end - (1 << 20)))
+        tail = r.read()
+    cut = end - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+    try:
+        json.loads(tail[tail.rfind(b"\n") + 1:].decode("utf-8"))
+        f.write(b"\n")  # a whole record that lacks only its newline: keep it
+        return end + 1
+    except (UnicodeDecodeError, ValueError):
+        log.warning(f"warning: {path}: removed an incomplete last line left by a stopped writer")
+        os.ftruncate(f.fileno(), cut)
+        return f.seek(cut)
 
 
 def _last_byte(path: Path) -> bytes:
@@ -164,8 +191,10 @@ def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
             obj = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            if unterminated and number == len(lines):
-                why = f"incomplete last line, probably a writer killed mid-write ({why})"
+            if unterminated and number == len(lines):  # a writer killed mid-line
+                log.warning(f"warning: {where}: skipped an incomplete last line ({why}), "
+                            "left by a writer that was stopped; every other run is kept")
+                break
             raise FeatprobeError(f"{where}: corrupted run record: {why}; fix or delete that line "
                                  "by hand") from exc
         if not isinstance(obj, dict):
