@@ -120,6 +120,8 @@ def _data_options(command):
                            "columns; for predict, true labels to score).")(command)
     command = click.option("--image-col", help="CSV column with image names (auto-detected).")(
         command)
+    command = click.option("--allow-outside-images", is_flag=True, help="Accept CSV image names "
+                           "that leave the image folder (../x.jpg, absolute paths).")(command)
     return click.option("--images", type=click.Path(),
                         help="Image folder for a CSV (default: images/ beside it).")(command)
 
@@ -163,8 +165,9 @@ def _scores(rec: dict, digits: int = 2) -> None:
               "last shard to finish merges (or run `featprobe merge`). Not with torchrun, "
               "whose ranks shard by themselves.")
 @_quiet_option
-def extract(data, images, image_col, label_col, backbone, weights, layers, cache_dir, device,
-            batch_size, workers, on_error, dtype, precision, decode, image_size, shard, quiet):
+def extract(data, images, image_col, label_col, allow_outside_images, backbone, weights, layers,
+            cache_dir, device, batch_size, workers, on_error, dtype, precision, decode, image_size,
+            shard, quiet):
     """Run a frozen backbone over every image of DATA once and cache the features.
 
     DATA is a CSV of image names and labels (the tutorial format: image_names,emergency_or_no)
@@ -184,7 +187,7 @@ def extract(data, images, image_col, label_col, backbone, weights, layers, cache
                 cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers,
                 on_error=on_error, dtype=dtype, precision=precision, image_size=image_size,
                 image_col=image_col, label_col=label_col, progress=_progress(quiet), shard=shard,
-                decode=decode)
+                decode=decode, allow_outside_images=allow_outside_images)
     if cache is None or os.environ.get("RANK", "0") != "0":
         return  # a shard whose siblings are still running, or a torchrun rank other than 0
     if cache.bad:
@@ -375,8 +378,8 @@ def heads():
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0), help="Decoding worker processes.")
 @_quiet_option
-def baseline(data, images, image_col, label_col, image_size, epochs, batch_size, lr, seed,
-             val_fraction, cache_dir, device, workers, quiet):
+def baseline(data, images, image_col, label_col, allow_outside_images, image_size, epochs,
+             batch_size, lr, seed, val_fraction, cache_dir, device, workers, quiet):
     """Train the end-to-end CNN benchmark from pixels on the same split, and record it.
 
     Two conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool) and one dense layer, Adam —
@@ -387,7 +390,7 @@ def baseline(data, images, image_col, label_col, image_size, epochs, batch_size,
     rec = run(data, images=images, image_col=image_col, label_col=label_col,
               image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
               val_fraction=val_fraction, cache_dir=cache_dir, device=device, workers=workers,
-              progress=_progress(quiet))
+              progress=_progress(quiet), allow_outside_images=allow_outside_images)
     click.echo(f"cnn baseline  split {rec['split_hash']} train {rec['n_train']} "
                f"val {rec['n_val']}")
     _scores(rec, digits=1)
@@ -426,8 +429,8 @@ def compare(cache_dir, fmt, plot_path):
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--workers", type=click.IntRange(0))
 @_quiet_option
-def predict(head_file, data, images, image_col, label_col, out, device, batch_size, workers,
-            quiet):
+def predict(head_file, data, images, image_col, label_col, allow_outside_images, out, device,
+            batch_size, workers, quiet):
     """Label new images with a saved head (from `featprobe fit --save`).
 
     Runs the backbone, weights, layer and preprocessing the head was trained on, then the
@@ -438,7 +441,7 @@ def predict(head_file, data, images, image_col, label_col, out, device, batch_si
 
     df, acc = run(head_file, data, images=images, image_col=image_col, label_col=label_col,
                   out=out, device=device, batch_size=batch_size, workers=workers,
-                  progress=_progress(quiet))
+                  progress=_progress(quiet), allow_outside_images=allow_outside_images)
     n_bad = int((df["error"] != "").sum()) if "error" in df else 0
     if "error" in df:
         click.echo(f"{n_bad} image(s) could not be read (see the error column)", err=True)

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from featprobe.cache import default_cache_dir
-from featprobe.data import Dataset, load_dataset
+from featprobe.data import Dataset, load_dataset, require_two_classes
 from featprobe.errors import FeatprobeError, some
 from featprobe.extraction.images import ImageRows
 from featprobe.extraction.pixels import normalize, pixel_transform, squash
@@ -158,12 +158,13 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
              label_col: str | None = None, image_size: int = 224, epochs: int = 15,
              batch_size: int = 128, lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.1,
              cache_dir: str | Path | None = None, device: str = "auto", workers: int | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, allow_outside_images: bool = False) -> dict:
     """Train the small CNN from pixels on the shared split; append and return its run record.
     ``seed`` picks the split and seeds the initialisation (leaving torch's global RNG alone) and the
     batch order."""
     _check_args(image_size, epochs, batch_size, lr)
-    ds = load_dataset(data, images, image_col, label_col)
+    ds = load_dataset(data, images, image_col, label_col, allow_outside=allow_outside_images)
+    require_two_classes(ds)
     s = split(ds.ids, ds.labels, val_fraction=val_fraction, seed=seed)
     dev = resolve_device(device)
     n_classes = len(ds.classes)

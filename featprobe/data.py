@@ -122,7 +122,7 @@ def _pick_columns(header: list[str], csv_path: Path, image_col: str | None,
 
 def read_csv_dataset(csv_path: str | Path, images: str | Path | None = None,
                      image_col: str | None = None, label_col: str | None = None,
-                     labelled: bool = True) -> Dataset:
+                     labelled: bool = True, allow_outside: bool = False) -> Dataset:
     """Read the tutorial format: a CSV with an image-name column and a label column (auto-detected
     when there are two), images in ``images`` (default: ``images/`` beside the CSV). With
     ``labelled=False`` the label column is optional."""
@@ -145,14 +145,19 @@ def read_csv_dataset(csv_path: str | Path, images: str | Path | None = None,
         labels, classes = _encode_labels(column(label_col, "label"))
     if not root.is_dir():
         raise FeatprobeError(f"image folder not found: {root} (pass --images DIR)")
-    return _checked(Dataset(root, ids, labels, classes or [], source=str(csv_path)))
+    return _checked(Dataset(root, ids, labels, classes or [], source=str(csv_path)), allow_outside)
 
 
 def _image_files(folder: Path, relative_to: Path) -> list[str]:
     """Image files under ``folder`` (recursively, hidden files and folders skipped), as paths
     relative to ``relative_to``, in sorted walk order."""
-    out = []
+    out, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: walked already
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out += [os.path.relpath(os.path.join(dirpath, fn), relative_to) for fn in sorted(filenames)
                 if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith(".")]
@@ -193,23 +198,48 @@ def read_image_list(paths: list[str | Path] | str | Path) -> Dataset:
     return _checked(Dataset(root, ids, None, [], source=str(paths)))
 
 
-def _checked(ds: Dataset) -> Dataset:
-    """``ds``, once free of duplicate ids, missing files and emptiness (else one line naming
-    the first offenders)."""
+def require_two_classes(ds: Dataset) -> None:
+    """Training data (extract, baseline) must hold two classes: refused before any work."""
+    if ds.labels is not None and len(set(ds.labels.tolist())) < 2:
+        raise FeatprobeError(f"every image of {ds.source} is class {ds.classes[ds.labels[0]]!r}: "
+                             "heads need at least two classes to tell apart")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name the filesystem cannot take (too long, ...)
+        return False
+
+
+def _checked(ds: Dataset, allow_outside: bool = False) -> Dataset:
+    """``ds``, once free of duplicate ids, missing files, files reached twice, names leaving
+    its folder (unless ``allow_outside``) and emptiness (else one line naming offenders)."""
     if not ds.ids:
         raise FeatprobeError(f"dataset {ds.source} is empty")
     dupes = sorted(k for k, n in Counter(ds.ids).items() if n > 1)
     if dupes:
         raise FeatprobeError(f"{ds.source}: duplicate image names: {some(dupes)}")
-    missing = [image_id for i, image_id in enumerate(ds.ids) if not ds.path(i).is_file()]
+    missing = [image_id for i, image_id in enumerate(ds.ids) if not _is_file(ds.path(i))]
     if missing:
         raise FeatprobeError(f"{len(missing)} of {len(ds.ids)} images not found in {ds.root}: "
                              f"{some(missing)}")
+    root, first = Path(os.path.normpath(ds.root)), {}
+    for i in range(len(ds)):
+        real = ds.path(i).resolve()  # the file itself: one file, one row
+        if not allow_outside and not Path(os.path.normpath(ds.path(i))).is_relative_to(root):
+            raise FeatprobeError(f"{ds.source}: {some([ds.ids[i]], 1)} leaves the image folder "
+                                 f"{ds.root}; pass --allow-outside-images if that is meant")
+        if real in first:
+            raise FeatprobeError(f"{ds.source}: {some([ds.ids[first[real]]], 1)} and "
+                                 f"{some([ds.ids[i]], 1)} are the same file ({some([real], 1)})")
+        first[real] = i
     return ds
 
 
 def load_dataset(data: str | Path, images: str | Path | None = None, image_col: str | None = None,
-                 label_col: str | None = None, labelled: bool = True) -> Dataset:
+                 label_col: str | None = None, labelled: bool = True,
+                 allow_outside: bool = False) -> Dataset:
     """A CSV file (tutorial format) or a class-per-folder tree, decided by what ``data`` is."""
     p = Path(data)
     if p.is_dir():
@@ -219,4 +249,4 @@ def load_dataset(data: str | Path, images: str | Path | None = None, image_col: 
         return read_folder_dataset(p) if labelled else read_image_list(p)
     if not p.exists():
         raise FeatprobeError(f"no such file or folder: {p}")
-    return read_csv_dataset(p, images, image_col, label_col, labelled)
+    return read_csv_dataset(p, images, image_col, label_col, labelled, allow_outside)

@@ -11,5 +11,6 @@ class FeatprobeError(Exception):
 
 def some(items, n: int = 5, sep: str = ", ") -> str:
     """The first ``n`` of ``items`` for an error message, and how many more there are."""
-    items = [str(x) for x in items]
+    items = [s if len(s := str(x)) <= 200 else f"{s[:80]}...({len(s)} characters)...{s[-40:]}"
+             for x in items]
     return sep.join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")

@@ -32,8 +32,13 @@ def resolve_device(device="auto", error: type[Exception] = FeatprobeError):
             dev = torch.device(device)
         except (RuntimeError, TypeError):
             raise error(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise error(f"unknown device {str(device)!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise error(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise error(f"device {str(device)!r} asked for, but torch sees "
+                    f"{torch.cuda.device_count()} GPU(s) here")
     return dev
 
 

@@ -29,7 +29,8 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             images: str | os.PathLike | None = None, image_col: str | None = None,
             label_col: str | None = None, out: str | os.PathLike | None = None,
             device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-            progress: bool = True) -> tuple[pd.DataFrame, float | None]:
+            progress: bool = True, allow_outside_images: bool = False,
+            ) -> tuple[pd.DataFrame, float | None]:
     """Predict labels for images (a folder, a CSV, or a labelled CSV). Returns the DataFrame
     ``image_names, label, probability`` (plus ``true_label`` and ``error`` when relevant) and the
     accuracy when the CSV has labels, else None."""
@@ -44,7 +45,7 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
         if meta.get(key) in (None, ""):
             raise FeatprobeError(f"{head_file} lacks {key!r} in its metadata; refit and --save it")
     _check_head(est, meta, head_file)
-    ds = _dataset(data, images, image_col, label_col)
+    ds = _dataset(data, images, image_col, label_col, allow_outside_images)
     backbone, layer, classes = meta["backbone"], meta["layer"], meta["classes"]
     resolve_layers(backbone, [layer])  # a backbone or layer this torchvision lacks: one line
     choice = resolve_weights(backbone, _weights_arg(meta))
@@ -138,16 +139,17 @@ def _check_head(est, meta: dict, head_file) -> None:
         raise FeatprobeError(f"{head_file} is damaged or edited: {'; '.join(problems)}")
 
 
-def _dataset(data, images, image_col, label_col) -> Dataset:
+def _dataset(data, images, image_col, label_col, allow_outside: bool) -> Dataset:
     """A labelled CSV if it has labels, else an unlabelled CSV, folder or image file."""
     p = Path(data)
     if p.is_file() and p.suffix.lower() == ".csv":
         try:
-            return load_dataset(p, images, image_col, label_col)
+            return load_dataset(p, images, image_col, label_col, allow_outside=allow_outside)
         except FeatprobeError:
             if label_col is not None:
                 raise
-            return load_dataset(p, images, image_col, None, labelled=False)
+            return load_dataset(p, images, image_col, None, labelled=False,
+                                allow_outside=allow_outside)
     if p.is_dir() and images is None:
         return read_image_list(p)
     if p.is_file():

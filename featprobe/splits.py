@@ -52,6 +52,9 @@ def _label_keys(labels: Sequence) -> np.ndarray:
 def _check_classes(y: np.ndarray, need: int, what: str) -> None:
     counts = Counter(y.tolist())
     label, n = min(counts.items(), key=lambda kv: (kv[1], str(kv[0])))
+    if len(counts) < 2:
+        raise FeatprobeError(f"every row is class {label!r} {what}: a classifier needs at least "
+                             "two classes")
     if n < need:
         raise FeatprobeError(
             f"class {label!r} has only {n} image(s) {what}; a stratified split needs at least "

@@ -46,10 +46,19 @@ def test_the_stages_do_not_import_each_other():
     assert crossing == []
 
 
+# The package's line budget: a ratchet against bloat, raised only by a feature that says so.
+BUDGET = {
+    "redesign (issue 13): 7,019 -> at most 6,000, nothing lost": 6000,
+    "nothing read is trusted (issue 14): safe unpickling, checksummed reads, parts stamped with "
+    "their extraction, whole run records, record types, head digests and checks, file "
+    "identity, devices, one-class data, resize bounds": 260,
+}
+
+
 def test_sizes():
     sizes = {name: lines(path) for name, path in modules().items()}
     assert max(sizes.values()) <= 500, max(sizes.items(), key=lambda kv: kv[1])
-    assert sum(sizes.values()) <= 6000
+    assert sum(sizes.values()) <= sum(BUDGET.values())
 
 
 def test_public_torch_apis_only():

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
@@ -89,6 +90,16 @@ class PartialCache:
     def __init__(self, final: Path):
         self.final = final
         self.dir = final.with_suffix(PARTIAL_SUFFIX)
+        self._stamp: tuple[str, int, int] | None = None
+
+    def stamp(self) -> tuple[str, int, int]:
+        """``(key, rows per part, rows)`` from the manifest; ``key`` (SHA-256 of the extraction's
+        config) is written into every part, so parts of another extraction are told apart."""
+        if self._stamp is None:
+            m = json.loads((self.dir / "manifest.json").read_text())
+            key = hashlib.sha256(json.dumps(m["config"], sort_keys=True).encode()).hexdigest()
+            self._stamp = (key, int(m["part_rows"]), int(m["n_rows"]))
+        return self._stamp
 
     @contextmanager
     def locked(self, on_wait=None, name: str = "lock"):
@@ -180,12 +191,26 @@ class PartialCache:
 
     def write_part(self, k: int, arrays: dict[str, np.ndarray]) -> None:
         with atomic_write(self.part_path(k), crash="part.tmp_written") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays, extraction=np.array(self.stamp()[0]))
         crash_point("part.renamed")
 
     def read_part(self, k: int) -> dict[str, np.ndarray]:
-        with np.load(self.part_path(k), allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
+        """Part ``k``, refused unless it is this extraction's part ``k`` (its key and rows)."""
+        key, part_rows, n = self.stamp()
+        start, rows = k * part_rows, min(part_rows, n - k * part_rows)
+        try:
+            with np.load(self.part_path(k), allow_pickle=False) as z:
+                part = {name: z[name] for name in z.files}
+            ok = (str(part.get("extraction", "")) == key and int(part["start"]) == start
+                  and all(len(part[name]) == rows for name in part
+                          if name.startswith("f_") or name == "valid"))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+            ok = False
+        if not ok:
+            raise FeatprobeError(f"{self.part_path(k)} is not part {k} (rows {start}-"
+                                 f"{start + rows - 1}) of this extraction: damaged or copied from "
+                                 "another; remove it and rerun the extract to recompute it")
+        return part
 
     def builder(self) -> H5Builder:
         """An :class:`H5Builder` for this folder's manifest and dataset (caller holds ``lock``)."""
@@ -338,6 +363,7 @@ def write_arrays(path: str | os.PathLike, ids: list[str], labels: np.ndarray, cl
     final.parent.mkdir(parents=True, exist_ok=True)
     n, layers, partial = len(ids), list(features), PartialCache(final)
     with partial.locked():
+        partial.manifest({"write_arrays": layers, "dtype": dtype}, rows_per_part, n)
         n_parts = -(-n // rows_per_part)
         for k in range(n_parts):
             rows = slice(k * rows_per_part, min(n, (k + 1) * rows_per_part))

@@ -65,6 +65,8 @@ def sniff(data: bytes) -> str:
                 return "RGB-coded JPEG"
             if h == 0 or w == 0:
                 return "JPEG without a height in its frame header"
+            if max(h, w) > 64 * min(h, w):
+                return "extreme aspect ratio"  # PIL's path bounds the resized size
             if Image.MAX_IMAGE_PIXELS and h * w > Image.MAX_IMAGE_PIXELS:
                 return "very large JPEG"  # PIL's decompression-bomb check decides
             sof = m

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
+from torchvision.transforms import Resize
 
 from featprobe.data import Dataset
 
@@ -68,13 +69,31 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def _check_resize(transform, size: tuple[int, int]) -> None:
+    """PIL's decompression-bomb check sees the source pixels; a sliver (1 x 60,000 px, a few
+    hundred bytes of PNG) passes it, and resizing its shorter side to 256 would then allocate
+    gigabytes. The resized image gets the same bound, ``Image.MAX_IMAGE_PIXELS``."""
+    limit = Image.MAX_IMAGE_PIXELS
+    for step in getattr(transform, "transforms", ()):
+        if limit and isinstance(step, Resize):
+            s = step.size if isinstance(step.size, int) else list(step.size)
+            short, long = sorted(size)
+            pixels = (s * s * long / max(short, 1) if isinstance(s, int) or len(s) == 1
+                      else s[0] * s[1])
+            if pixels > limit:
+                raise BadImage(f"{size[0]}x{size[1]} pixels: resized it would be "
+                               f"{pixels / 1e6:,.0f} million (an extreme aspect ratio)")
+
+
 def pil_input(source, transform, size: int) -> tuple[torch.Tensor, str]:
     """One image (a path or its bytes) through the PIL path with a :func:`featprobe.extraction.
     pixels.pixel_transform`: ``(uint8 [3, s, s], "")`` or ``(zeros, reason)``, a reason never
     empty ("" means a good row)."""
     try:
         src = source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source)
-        return transform(load_rgb(src)), ""
+        im = load_rgb(src)
+        _check_resize(transform, im.size)
+        return transform(im), ""
     except BadImage as e:
         return torch.zeros(3, size, size, dtype=torch.uint8), str(e) or "cannot decode"
 

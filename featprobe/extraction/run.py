@@ -21,7 +21,7 @@ from pathlib import Path
 from featprobe import __version__
 from featprobe.cache import FORMAT_VERSION, FeatureCache, PartialCache, default_cache_dir
 from featprobe.cache.integrity import merge
-from featprobe.data import Dataset, load_dataset
+from featprobe.data import Dataset, load_dataset, require_two_classes
 from featprobe.errors import FeatprobeError
 from featprobe.extraction import sharding
 from featprobe.extraction.settings import ExtractJob, ExtractSettings
@@ -49,6 +49,7 @@ def extract(
     dtype: str = "float16", precision: str = "auto", image_size: int | None = None,
     image_col: str | None = None, label_col: str | None = None, progress: bool = True,
     shard: str | tuple[int, int] | None = None, decode: str = "auto",
+    allow_outside_images: bool = False,
 ) -> FeatureCache | None:
     """Extract features of ``layers`` for every image of ``data`` into an HDF5 cache.
 
@@ -62,6 +63,9 @@ def extract(
     ``decode``: ``cpu`` (PIL in DataLoader workers), ``gpu`` (JPEGs decoded on the device,
     :mod:`featprobe.extraction.gpu_decode`) or ``auto`` (:func:`featprobe.policy.resolve_decode`).
     Not in the cache key (the paths agree within a stated tolerance); the cache records it.
+
+    Image names that leave the image folder (``../x.jpg``, an absolute path) are refused unless
+    ``allow_outside_images``; two names of one file are refused always.
     """
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
@@ -70,7 +74,8 @@ def extract(
                                decode, progress)
     shard = sharding.resolve(shard)
     _check(settings)
-    ds = data if isinstance(data, Dataset) else load_dataset(data, images, image_col, label_col)
+    ds = data if isinstance(data, Dataset) else load_dataset(
+        data, images, image_col, label_col, allow_outside=allow_outside_images)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return run_extract(ds, settings, directory, shard)
 
@@ -88,6 +93,7 @@ def run_extract(ds: Dataset, s: ExtractSettings, directory: Path,
     """:func:`extract` once its arguments are settings: reuse, resume or stream the cache."""
     if ds.labels is None:
         raise FeatprobeError("extract needs labelled images (a CSV with labels, or a folder tree)")
+    require_two_classes(ds)
     fingerprint = ds.fingerprint()
     request = _request_key(s, fingerprint)
     known = _lookup(directory, request, fingerprint)

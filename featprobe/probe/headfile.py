@@ -8,6 +8,7 @@ name read from a file is looked up, never imported). docs/heads.md specifies the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -146,6 +147,7 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
             raise FeatprobeError(f"head metadata key {k!r} is reserved (featprobe sets it)")
     arrays["__meta__"] = np.array(json.dumps({**theirs, **own}))
     arrays["__state__"] = np.array(json.dumps(state))
+    arrays["__sha256__"] = np.array(_digest(arrays))
 
     try:
         with atomic_write(path) as f:
@@ -153,6 +155,29 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
     except OSError as e:
         raise FeatprobeError(f"cannot write head file {path}: {e.strerror or e}") from e
     return path
+
+
+def _digest(arrays) -> str:
+    """SHA-256 of every member but itself: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in arrays if k != "__sha256__"):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, a.shape]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _check_fitted(est, where: str) -> None:
+    """What no fit produces: non-finite learned numbers, classes out of order, a zero scale."""
+    for k, v in vars(est).items():
+        for a in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise FeatprobeError(f"{where}: {k} holds NaN or inf; the file was edited")
+    classes = getattr(est, "classes_", None)
+    if classes is not None and (len(classes) < 2 or (classes[1:] <= classes[:-1]).any()):
+        raise FeatprobeError(f"{where}: classes_ are not distinct and sorted; the file was edited")
+    if isinstance(est, StandardScaler) and not (np.asarray(est.scale_) > 0).all():
+        raise FeatprobeError(f"{where}: the scaler divides by zero; the file was edited")
 
 
 def _decode_value(rec: dict, npz, where: str) -> Any:
@@ -205,6 +230,15 @@ def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
         for key in ("__meta__", "__state__"):
             if key not in npz.files:
                 raise FeatprobeError(f"{where} is not a featprobe head file (missing {key!r})")
+        # files saved before 0.2 carry no digest; their contents are still checked below
+        try:
+            edited = "__sha256__" in npz.files and str(npz["__sha256__"][()]) != _digest(npz)
+        except (ValueError, OSError, EOFError) as e:  # a pickled or damaged member
+            raise FeatprobeError(f"{where} is not a featprobe head file (a member cannot be "
+                                 f"read as plain data: {str(e).splitlines()[0]})") from e
+        if edited:
+            raise FeatprobeError(f"{where} was edited or damaged: its arrays and metadata do not "
+                                 "match the SHA-256 saved with them")
         try:
             meta = json.loads(str(npz["__meta__"][()]))
             state = json.loads(str(npz["__state__"][()]))
@@ -226,6 +260,7 @@ def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
                 est = _build(rec["class"], rec["params"], where)
                 for k, attr in rec["attrs"].items():
                     setattr(est, k, _decode_value(attr, npz, where))
+                _check_fitted(est, where)
                 built.append(est)
             if pipeline is None:
                 if len(built) != 1:

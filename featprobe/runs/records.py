@@ -139,6 +139,29 @@ def _lock(path: Path) -> FileLock:
     return FileLock(path.with_name(path.name + ".lock"))
 
 
+# The types compare relies on (None is always allowed: older records lack fields).
+_TYPES = {**dict.fromkeys(("run_id", "kind", "backbone", "weights", "layer", "head",
+                           "dataset_fingerprint", "split_hash"), str),
+          **dict.fromkeys(("params", "params_set", "train", "val", "sweep"), dict),
+          "seed": int, "standardize": bool, "val_fraction": float, "fit_seconds": float}
+_METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "majority_rate")
+
+
+def _check_types(obj: dict, where: str) -> None:
+    """Refuse a record whose fields have types no featprobe writes (a hand-edited line)."""
+    fields = [(k, obj.get(k), t) for k, t in _TYPES.items()]
+    fields += [(f"{part}.{m}", obj[part].get(m), float) for part in ("train", "val")
+               if isinstance(obj.get(part), dict) for m in _METRIC_KEYS]
+    fields.append(("majority_rate", obj.get("majority_rate"), float))
+    for key, value, kind in fields:
+        ok = (value is None or (isinstance(value, (int, float) if kind is float else kind)
+                                and not (kind is not bool and isinstance(value, bool))))
+        if not ok:
+            raise FeatprobeError(f"{where}: corrupted run record: {key} is {value!r:.40}, not "
+                                 f"{'a number' if kind is float else kind.__name__}; fix or "
+                                 "delete that line by hand")
+
+
 def _cut_torn_line(f, path: Path, end: int) -> int:
     """Truncate ``f`` after its last newline unless the unterminated last line is a whole
     record; return where the next line starts."""
@@ -201,5 +224,6 @@ def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
             raise FeatprobeError(
                 f"{where}: corrupted run record: a JSON {type(obj).__name__}, not an object; "
                 "fix or delete that line by hand")
+        _check_types(obj, where)
         records.append(obj)
     return records
