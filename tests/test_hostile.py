@@ -551,3 +551,11 @@ def test_hostile_csvs(data, tmp_path, name):
     (tmp_path / "h.csv").write_text(bom + "image_names,label\n" + HOSTILE_CSVS[name], newline="")
     code, out = _extract(tmp_path / "h.csv", tmp_path)
     assert code == (0 if name.endswith("_ok") else 2), out
+
+
+def test_the_extract_progress_bar_ends_at_its_total(data, tmp_path):
+    """0.1.0 stopped one batch short (128/160): the loop's consumer never resumed it."""
+    r = CliRunner().invoke(main, ["extract", str(data), "--backbone", "resnet18", "--weights",
+                                  "none", "--image-size", "32", "--batch-size", "3",
+                                  "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0 and "4/4" in r.output and "3/4 [" not in r.output.split("4/4")[-1]

@@ -91,9 +91,9 @@ def feature_batches(model: backbones.FeatureModel, ds, dev, prec: str, batches, 
                     if prec == "fp16" and not bool(_finite_flag(out, layers)):
                         out = guard.recompute(x)
                     feats = _to_host(out, layers, cast, reasons)
+                    bar.update(len(index))  # before the yield: the consumer may stop after
                     yield index.tolist(), {k: t.numpy() for k, t in feats.items()}, list(reasons)
-                    bar.update(len(index))
-                    continue
+                    continue  # the last batch and never resume this generator
                 finite = None
                 if prec == "fp16":  # checked when the batch lands: no sync here
                     finite = torch.empty((), dtype=torch.bool, pin_memory=True)
