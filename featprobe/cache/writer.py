@@ -150,8 +150,8 @@ class PartialCache:
 
     def n_parts(self) -> int:
         """How many parts the manifest (which must exist) divides the rows into."""
-        m = json.loads((self.dir / "manifest.json").read_text())
-        return -(-m["n_rows"] // m["part_rows"])
+        _, part_rows, n_rows = self.stamp()
+        return -(-n_rows // part_rows)
 
     def missing_parts(self, n_parts: int) -> list[int]:
         done = self.done_parts()

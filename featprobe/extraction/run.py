@@ -190,7 +190,7 @@ def _write_parts(job: ExtractJob, incremental: bool = False):
                                  len(ds))["part_rows"]
     if job.batch_size and job.batch_size != part_rows:
         log.info(f"resuming with the batch size this cache began with ({part_rows})")
-    n_parts = -(-len(ds) // part_rows)
+    n_parts = partial.n_parts()
     mine = shard.parts(n_parts)
     done = partial.done_parts()
     todo = [k for k in mine if k not in done]

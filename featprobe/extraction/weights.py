@@ -100,7 +100,10 @@ def safe_unpickling():
         yield
     finally:
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def unsafe_reason(e: BaseException) -> str:

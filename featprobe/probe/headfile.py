@@ -180,11 +180,11 @@ def _check_fitted(est, where: str) -> None:
         raise FeatprobeError(f"{where}: the scaler divides by zero; the file was edited")
 
 
-def _decode_value(rec: dict, npz, where: str) -> Any:
+def _decode_value(rec: dict, members: dict, where: str) -> Any:
     def array(key):
-        if key not in npz.files:
+        if key not in members:
             raise FeatprobeError(f"{where}: array {key!r} is missing")
-        return npz[key]
+        return members[key]
 
     if "array" in rec:
         a = array(rec["array"])
@@ -192,7 +192,7 @@ def _decode_value(rec: dict, npz, where: str) -> Any:
     if "scalar" in rec:
         return array(rec["scalar"])[()]
     if "list" in rec:
-        out = [_decode_value(r, npz, where) for r in rec["list"]]
+        out = [_decode_value(r, members, where) for r in rec["list"]]
         return tuple(out) if rec.get("tuple") else out
     if "json" in rec:
         v = rec["json"]
@@ -230,18 +230,18 @@ def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
         for key in ("__meta__", "__state__"):
             if key not in npz.files:
                 raise FeatprobeError(f"{where} is not a featprobe head file (missing {key!r})")
-        # files saved before 0.2 carry no digest; their contents are still checked below
-        try:
-            edited = "__sha256__" in npz.files and str(npz["__sha256__"][()]) != _digest(npz)
+        try:  # every member read once: the digest and the estimator use the same arrays
+            members = {k: npz[k] for k in npz.files}
         except (ValueError, OSError, EOFError) as e:  # a pickled or damaged member
             raise FeatprobeError(f"{where} is not a featprobe head file (a member cannot be "
                                  f"read as plain data: {str(e).splitlines()[0]})") from e
-        if edited:
+        # files saved before 0.2 carry no digest; their contents are still checked below
+        if "__sha256__" in members and str(members["__sha256__"][()]) != _digest(members):
             raise FeatprobeError(f"{where} was edited or damaged: its arrays and metadata do not "
                                  "match the SHA-256 saved with them")
         try:
-            meta = json.loads(str(npz["__meta__"][()]))
-            state = json.loads(str(npz["__state__"][()]))
+            meta = json.loads(str(members["__meta__"][()]))
+            state = json.loads(str(members["__state__"][()]))
             version = meta["format_version"]
             steps = state["steps"]
             pipeline = state["pipeline"]
@@ -259,7 +259,7 @@ def load_head(path: str | os.PathLike) -> tuple[BaseEstimator, dict]:
             for rec in steps:
                 est = _build(rec["class"], rec["params"], where)
                 for k, attr in rec["attrs"].items():
-                    setattr(est, k, _decode_value(attr, npz, where))
+                    setattr(est, k, _decode_value(attr, members, where))
                 _check_fitted(est, where)
                 built.append(est)
             if pipeline is None:

@@ -119,8 +119,8 @@ def append_run(directory: str | os.PathLike, record: dict) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _lock(path), open(path, "ab", buffering=0) as f:
             start = f.seek(0, os.SEEK_END)
-            if start and _last_byte(path) != b"\n":
-                start = _cut_torn_line(f, path, start)
+            if start:
+                start = _next_line_start(f, path, start)
             try:
                 view = memoryview(data)
                 while view:
@@ -162,27 +162,28 @@ def _check_types(obj: dict, where: str) -> None:
                                  "delete that line by hand")
 
 
-def _cut_torn_line(f, path: Path, end: int) -> int:
-    """Truncate ``f`` after its last newline unless the unterminated last line is a whole
-    record; return where the next line starts."""
+def _next_line_start(f, path: Path, end: int) -> int:
+    """Where the next record starts in a log of ``end`` bytes. After a newline: ``end``. After
+    a whole record that lacks only its newline, or a last line longer than the 1 MiB looked at:
+    the newline is written. Else the last line is torn (its writer is gone: writers hold the
+    lock) and is cut off."""
     with open(path, "rb") as r:
         r.seek(max(0, end - (1 << 20)))
-        tail = r.read()
-    cut = end - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        tail = r.read(end - r.tell())
+    if tail.endswith(b"\n"):
+        return end
+    last = tail[tail.rfind(b"\n") + 1:]
     try:
-        json.loads(tail[tail.rfind(b"\n") + 1:].decode("utf-8"))
-        f.write(b"\n")  # a whole record that lacks only its newline: keep it
-        return end + 1
+        json.loads(last.decode("utf-8"))
+        whole = True
     except (UnicodeDecodeError, ValueError):
-        log.warning(f"warning: {path}: removed an incomplete last line left by a stopped writer")
-        os.ftruncate(f.fileno(), cut)
-        return f.seek(cut)
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
+        whole = len(last) == len(tail) < end  # not all of it was read: keep it, never guess
+    if whole:
+        f.write(b"\n")
+        return end + 1
+    log.warning(f"warning: {path}: removed an incomplete last line left by a stopped writer")
+    os.ftruncate(f.fileno(), end - len(last))
+    return f.seek(end - len(last))
 
 
 def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
