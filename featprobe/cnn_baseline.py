@@ -20,7 +20,13 @@ from featprobe.errors import FeatprobeError, some
 from featprobe.extraction.images import ImageRows
 from featprobe.extraction.pixels import normalize, pixel_transform, squash
 from featprobe.policy import cpu_count, resolve_device
-from featprobe.runs.records import append_run, compute_metrics, majority_rate, make_record
+from featprobe.runs.records import (
+    append_run,
+    compute_metrics,
+    correct_mask,
+    majority_rate,
+    make_record,
+)
 from featprobe.splits import split
 
 __all__ = ["BASELINE_DEFAULTS", "CHANNELS", "BaselineSettings", "SmallCNN", "architecture",
@@ -158,16 +164,17 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
              label_col: str | None = None, image_size: int = 224, epochs: int = 15,
              batch_size: int = 128, lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.1,
              cache_dir: str | Path | None = None, device: str = "auto", workers: int | None = None,
-             progress: bool = True, allow_outside_images: bool = False) -> dict:
+             progress: bool = True, allow_outside_images: bool = False,
+             seeds: list[int] | None = None) -> dict | list[dict]:
     """Train the small CNN from pixels on the shared split; append and return its run record.
     ``seed`` picks the split and seeds the initialisation (leaving torch's global RNG alone) and the
-    batch order."""
+    batch order. ``seeds``: one run per seed (the images decoded once), a list of records."""
     _check_args(image_size, epochs, batch_size, lr)
     ds = load_dataset(data, images, image_col, label_col, allow_outside=allow_outside_images)
     require_two_classes(ds)
-    s = split(ds.ids, ds.labels, val_fraction=val_fraction, seed=seed)
+    for s in seeds or [seed]:  # every split checked before the long work
+        split(ds.ids, ds.labels, val_fraction=val_fraction, seed=s)
     dev = resolve_device(device)
-    n_classes = len(ds.classes)
 
     t0 = time.perf_counter()
     pixels = _decode(ds, image_size, workers, progress)
@@ -175,6 +182,15 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
     y = torch.as_tensor(ds.labels, dtype=torch.int64)
     if dev.type == "cuda":  # uint8 pixels are small: keep them all on the device
         pixels, y = pixels.to(dev), y.to(dev)
+    records = [_train_one(ds, pixels, y, dev, image_size, epochs, batch_size, lr, s, val_fraction,
+                          cache_dir, progress, decode_seconds) for s in seeds or [seed]]
+    return records if seeds is not None else records[0]
+
+
+def _train_one(ds, pixels, y, dev, image_size, epochs, batch_size, lr, seed, val_fraction,
+               cache_dir, progress, decode_seconds) -> dict:
+    s = split(ds.ids, ds.labels, val_fraction=val_fraction, seed=seed)
+    n_classes = len(ds.classes)
 
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.default_generator.manual_seed(seed)  # the model is built on the CPU
@@ -189,8 +205,10 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
     fit_seconds = time.perf_counter() - t0
 
     labels, y_np = list(range(n_classes)), ds.labels
-    metrics = {part: compute_metrics(y_np[rows], _predict(model, pixels, rows, dev, batch_size),
-                                     labels) for part, rows in (("train", s.train), ("val", s.val))}
+    pred = {part: _predict(model, pixels, rows, dev, batch_size)
+            for part, rows in (("train", s.train), ("val", s.val))}
+    metrics = {part: compute_metrics(y_np[rows], pred[part], labels)
+               for part, rows in (("train", s.train), ("val", s.val))}
     params = {"image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "optimizer": "adam", "architecture": architecture(n_classes, image_size),
               "device": dev.type}
@@ -202,6 +220,7 @@ def baseline(data: str | Path, images: str | Path | None = None, image_col: str 
         standardize=False, seed=seed, val_fraction=val_fraction, split_hash=s.hash,
         n_train=len(s.train), n_val=len(s.val), n_invalid=0, classes=ds.classes, **metrics,
         fit_seconds=fit_seconds, majority_rate=majority_rate(y_np[s.train], y_np[s.val]),
-        decode_seconds=decode_seconds, epoch_losses=losses)
+        decode_seconds=decode_seconds, epoch_losses=losses,
+        val_correct=correct_mask(y_np[s.val], pred["val"]))
     append_run(default_cache_dir() if cache_dir is None else cache_dir, record)
     return record

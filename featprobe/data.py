@@ -250,3 +250,9 @@ def load_dataset(data: str | Path, images: str | Path | None = None, image_col: 
     if not p.exists():
         raise FeatprobeError(f"no such file or folder: {p}")
     return read_csv_dataset(p, images, image_col, label_col, labelled, allow_outside)
+
+
+def image_digest(path: str | os.PathLike) -> str:
+    """A short digest of an image's resolved path: how a saved head remembers its training
+    images without carrying their names (``predict`` warns when it is asked to score them)."""
+    return hashlib.blake2b(str(Path(path).resolve()).encode(), digest_size=8).hexdigest()

@@ -4,15 +4,18 @@ when any of it differs here."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from featprobe.data import Dataset, load_dataset, read_image_list
+from featprobe.data import Dataset, image_digest, load_dataset, read_image_list
 from featprobe.errors import FeatprobeError
 from featprobe.files import atomic_write
+
+log = logging.getLogger("featprobe")
 
 
 def _weights_arg(meta: dict) -> str:
@@ -33,7 +36,9 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             ) -> tuple[pd.DataFrame, float | None]:
     """Predict labels for images (a folder, a CSV, or a labelled CSV). Returns the DataFrame
     ``image_names, label, probability`` (plus ``true_label`` and ``error`` when relevant) and the
-    accuracy when the CSV has labels, else None."""
+    accuracy when the CSV has labels, else None. Images the head was trained on are marked in an
+    ``in_training`` column, with a warning, and left out of the accuracy: it scores only images
+    the head has not seen (None when there are none)."""
     from featprobe.extraction.backbones import FeatureModel, resolve_layers
     from featprobe.extraction.stream import feature_batches
     from featprobe.extraction.weights import resolve_weights, weights_sha256
@@ -97,7 +102,8 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             raise FeatprobeError(f"labels {unknown[:5]} in {data} are not among the head's "
                                  f"classes {classes}")
         hit = np.array([str(a) == str(b) for a, b in zip(df["label"], truth)])
-        accuracy = float(hit[ok].mean()) if ok.any() else None
+        scored = ok & ~_seen(ds, meta, df)
+        accuracy = float(hit[scored].mean()) if scored.any() else None
     if not ok.all():
         df["error"] = reasons
     if out is not None:
@@ -105,6 +111,18 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
         with atomic_write(out, "w", newline="") as f:
             df.to_csv(f, index=False)
     return df, accuracy
+
+
+def _seen(ds: Dataset, meta: dict, df: pd.DataFrame) -> np.ndarray:
+    """Which images were among the head's training rows (marked in ``df``, with a warning)."""
+    trained = set(meta.get("train_images") or ())
+    seen = np.array([image_digest(ds.path(i)) in trained for i in range(len(ds))], dtype=bool)
+    if seen.any():
+        df["in_training"] = seen
+        log.warning(f"warning: {int(seen.sum())} of the {len(ds)} images were in the head's "
+                    "training rows (column in_training): the accuracy leaves them out, "
+                    "because a head scored on its own training images says nothing about new ones")
+    return seen
 
 
 def _check_head(est, meta: dict, head_file) -> None:

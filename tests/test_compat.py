@@ -16,7 +16,8 @@ from featprobe.probe.headfile import load_head
 
 OLD = Path(__file__).parent / "fixtures" / "v0_1_0"
 EXPECTED = json.loads((OLD / "expected.json").read_text())
-HEADS = {"linear": ("linear", True, {}), "logreg": ("logreg", False, {}),
+HEADS = {"linear": ("linear", True, {"min_steps": 0}),  # 0.1.0 had no min_steps
+         "logreg": ("logreg", False, {}),
          "svm": ("svm", True, {}), "mlp": ("mlp", True, {"hidden": 32, "epochs": 10})}
 
 

@@ -83,18 +83,35 @@ def test_standardize_and_params(cache):
         fit(cache, head="logreg", layer="pool5")
 
 
-def test_sweep_records_grid_and_winner(cache):
+def test_sweep_chooses_on_an_inner_split_and_scores_on_val(cache):
     rec = fit(cache, head="linear", sweep=True, epochs=5)
-    grid = rec["sweep"]["grid"]
+    sw = rec["sweep"]
+    grid = sw["grid"]
     assert len(grid) >= 12
-    best = max(grid, key=lambda g: g["val_accuracy"])
-    assert rec["sweep"]["best"]["val_accuracy"] == best["val_accuracy"]
-    assert rec["val"]["accuracy"] == pytest.approx(best["val_accuracy"])
-    assert rec["params"]["lr"] == rec["sweep"]["best"]["params"]["lr"]
-    rec = fit(cache, head="logreg", sweep=True)
-    assert len(rec["sweep"]["grid"]) >= 5 and "C" in rec["sweep"]["best"]["params"]
+    best = max(grid, key=lambda g: g["inner_val_accuracy"])
+    assert sw["best"]["inner_val_accuracy"] == best["inner_val_accuracy"]
+    chosen = sw["best"]["params"]
+    assert rec["params"]["lr"] == chosen["lr"] and rec["params"]["weight_decay"] == chosen[
+        "weight_decay"]
+    # the inner split is carved from the train rows only: stratified, 20%, recorded
+    on = sw["selected_on"]
+    assert on["n_train"] + on["n_val"] == rec["n_train"] and on["fraction"] == 0.2
+    s = split(cache.ids, cache.labels, seed=0)
+    inner = split([cache.ids[i] for i in s.train], cache.labels[s.train], val_fraction=0.2,
+                  seed=0)
+    assert on["split_hash"] == inner.hash
+    # the reported val accuracy is the chosen point refitted on all train rows, scored on val
+    X = cache.features()
+    ref = featprobe.heads.make_head("linear", epochs=5, random_state=0, **chosen)
+    ref.fit(X[s.train], cache.labels[s.train])
+    assert rec["val"]["accuracy"] == pytest.approx((ref.predict(X[s.val]) == cache.labels[
+        s.val]).mean())
+    for head in ("logreg", "svm"):
+        rec = fit(cache, head=head, sweep=True)
+        assert [g["C"] for g in rec["sweep"]["grid"]] == [1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100]
+        assert rec["params"]["C"] == rec["sweep"]["best"]["params"]["C"]
     with pytest.raises(FeatprobeError, match="--sweep"):
-        fit(cache, head="svm", sweep=True)
+        fit(cache, head="mlp", sweep=True)
 
 
 def test_invalid_rows_excluded(tmp_path):

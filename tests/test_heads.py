@@ -36,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The `probability` parameter:Futu
 
 # Small but enough for every head to learn the toy problems below, fast on 2 CPU cores.
 SMALL = {
-    "linear": {"epochs": 15, "lr": 1e-2, "device": "cpu"},
+    "linear": {"epochs": 15, "lr": 1e-2, "device": "cpu", "min_steps": 0},
     "mlp": {"hidden": 16, "dropout": 0.1, "epochs": 15, "lr": 1e-2, "device": "cpu"},
 }
 
@@ -149,7 +149,7 @@ def test_linear_head_is_a_plain_torch_training_loop(three_class, optimizer):
     local generator draws: written out here independently, the weights agree."""
     X_tr, _, y_tr, _ = three_class
     kw = {"epochs": 3, "batch_size": 40, "lr": 1e-2, "weight_decay": 1e-2, "device": "cpu",
-          "random_state": 5, "optimizer": optimizer}
+          "random_state": 5, "optimizer": optimizer, "min_steps": 0}
     head = LinearHead(**kw).fit(X_tr, y_tr)
     classes, y_idx = np.unique(y_tr, return_inverse=True)
     gen = torch.Generator().manual_seed(5)
@@ -252,7 +252,7 @@ def test_sweep_logreg(three_class):
 
 
 def test_registry_names():
-    assert list_heads() == ["linear", "mlp", "logreg", "svm", "svm-rbf"]
+    assert list_heads() == ["linear", "mlp", "logreg", "svm", "svm-rbf", "knn"]
     for name, spec in HEADS.items():
         assert spec.name == name and spec.description and "\n" not in spec.description
         json.dumps(spec.params())

@@ -527,7 +527,7 @@ BAD_FITS = [("--head", "nope"), ("--layer", "nope"), ("--val-fraction", "0"),
 
 @pytest.mark.parametrize("option,value", BAD_FITS)
 def test_bad_fit_options_are_one_line_and_record_nothing(small_cache, option, value):
-    extra = [option] + ([value] if value is not None else []) + ["--head", "svm"] * (
+    extra = [option] + ([value] if value is not None else []) + ["--head", "mlp"] * (
         value is None)
     code, _ = cli("fit", small_cache.path, *extra)
     assert code == 2 and not (small_cache.directory / "runs.jsonl").exists()

@@ -130,8 +130,13 @@ def test_sweep_out_of_core(cache, tmp_path):
               runs_dir=tmp_path)
     assert len(rec["sweep"]["grid"]) == 12 and rec["out_of_core"]
     best = rec["sweep"]["best"]
-    assert best["val_accuracy"] == max(g["val_accuracy"] for g in rec["sweep"]["grid"])
-    assert best["val_accuracy"] == pytest.approx(rec["val"]["accuracy"])
+    assert best["inner_val_accuracy"] == max(g["inner_val_accuracy"]
+                                             for g in rec["sweep"]["grid"])
+    assert rec["params"]["lr"] == best["params"]["lr"]
+    # the same choice and the same val score as in memory (chosen on the inner split)
+    mem = fit(cache, head="linear", sweep=True, epochs=3, runs_dir=tmp_path)
+    assert mem["sweep"]["best"]["params"] == best["params"]
+    assert mem["val"]["accuracy"] == pytest.approx(rec["val"]["accuracy"], abs=0.02)
 
 
 def test_heads_without_out_of_core_variant_refuse(cache, tmp_path):

@@ -151,3 +151,29 @@ def _parse_params(items: tuple[str, ...]) -> dict:
 
 def _pct(x) -> str:
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
+
+
+def _seeds(seed: int, seeds: str | None) -> list[int] | None:
+    """``--seeds 0-9`` or ``--seeds 0,3,7`` (or ``0-4,10``) as a list; None without it."""
+    if seeds is None:
+        return None
+    out: list[int] = []
+    for part in (p.strip() for p in seeds.split(",") if p.strip()):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise FeatprobeError(f"--seeds takes numbers and ranges like 0-9 or 0,3,7, not "
+                                 f"{part!r}") from None
+        if last < first or last - first > 10_000:
+            raise FeatprobeError(f"--seeds range {part!r} is empty or too long")
+        out += [s for s in range(first, last + 1) if s not in out]
+    if not out:
+        raise FeatprobeError("--seeds is empty")
+    return out
+
+
+def _seeds_option(command):
+    return click.option("--seeds", metavar="LIST", help="Several seeded splits, one run each: "
+                        "0-9 or 0,3,7 (overrides --seed). compare pools them with a 95% "
+                        "interval.")(command)

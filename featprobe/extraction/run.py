@@ -208,7 +208,7 @@ def _write_parts(job: ExtractJob, incremental: bool = False):
         "torchvision_version": torchvision.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "decode": job.decode,  # not in the cache key: cpu and gpu agree within docs' tolerance
-        "source": ds.source,
+        "source": ds.source, "images_root": str(ds.root),  # predict: which images were trained on
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     partial.save_dataset(ds.ids, ds.labels, ds.classes, attrs)

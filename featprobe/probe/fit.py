@@ -6,24 +6,46 @@ appends a record to the runs log in the cache's directory, which ``featprobe com
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.pipeline import make_pipeline
+from sklearn.base import clone
+from sklearn.pipeline import Pipeline
 
 from featprobe.cache import FeatureCache
+from featprobe.data import image_digest
 from featprobe.errors import FeatprobeError
 from featprobe.probe import outofcore
 from featprobe.probe.headfile import save_head
-from featprobe.probe.registry import HEADS, head_params, make_head, spec_of, split_pipeline
+from featprobe.probe.registry import (
+    HEADS,
+    HeadSpec,
+    head_params,
+    make_head,
+    plain_params,
+    spec_of,
+    split_pipeline,
+    with_preprocessing,
+)
 from featprobe.probe.rows import non_finite_rows, read_rows
-from featprobe.probe.sweeps import SCORES, grid_points, sweep_head
-from featprobe.runs.records import append_run, compute_metrics, majority_rate, make_record
+from featprobe.probe.selection import capped_grid, select
+from featprobe.probe.sweeps import grid_points, sweep_head
+from featprobe.runs.records import (
+    append_run,
+    compute_metrics,
+    correct_mask,
+    majority_rate,
+    make_record,
+    recorded_run,
+)
 from featprobe.splits import split as make_split
 
 log = logging.getLogger("featprobe")
@@ -35,9 +57,10 @@ HEAD_META_KEYS = ("backbone", "weights", "weights_id", "weights_file", "weights_
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Everything one fit is asked for (what ``featprobe fit``'s options say)."""
+    """Everything one fit is asked for (what ``featprobe fit``'s options say). ``head`` is a
+    registry name or an unfitted scikit-learn classifier."""
 
-    head: str = "logreg"
+    head: Any = "logreg"
     layer: str | None = None
     seed: int = 0
     val_fraction: float = 0.1
@@ -45,103 +68,181 @@ class FitSettings:
     sweep: bool = False
     max_memory: str | int | None = None
     params: dict = field(default_factory=dict)  # head parameters, e.g. {"epochs": 50}
+    l2_normalize: bool = False
 
 
-def fit(cache: FeatureCache | str | os.PathLike, head: str = "logreg", layer: str | None = None,
+class FitResult(dict):
+    """A fit's run record (this dict, as appended to runs.jsonl) with the fitted ``estimator``;
+    ``duplicate_of`` names the recorded run this one repeats (then it was not appended again)."""
+
+    def __init__(self, record: dict, estimator: Any = None, duplicate_of: str | None = None):
+        super().__init__(record)
+        self.estimator, self.duplicate_of = estimator, duplicate_of
+
+    @property
+    def record(self) -> dict:
+        return dict(self)
+
+
+def fit(cache: FeatureCache | str | os.PathLike, head: Any = "logreg", layer: str | None = None,
         seed: int = 0, val_fraction: float = 0.1, standardize: bool = False, sweep: bool = False,
         save: str | os.PathLike | None = None, runs_dir: str | os.PathLike | None = None,
         record: bool = True, max_memory: str | int | None = None, progress: bool = False,
-        **params: Any) -> dict:
-    """Fit ``head`` on ``layer`` of a cache over the seeded stratified split; return the record.
+        l2_normalize: bool = False, seeds: Iterable[int] | None = None, force: bool = False,
+        skip_recorded: bool = False, **params: Any) -> FitResult | list[FitResult]:
+    """Fit ``head`` on ``layer`` of a cache over the seeded stratified split; return a
+    :class:`FitResult` (the run record, with ``.estimator``), or one per seed of ``seeds``.
 
-    ``params`` go to the head (e.g. ``epochs=50``, ``C=0.1``); ``random_state`` defaults to
-    ``seed`` where the head has one. With ``sweep=True`` the head's registered grid (linear: a
-    learning rate × weight decay grid trained in one pass; logreg: a grid of C) is fitted and
-    the winner on val is recorded (every grid point is kept in ``record["sweep"]["grid"]``).
-    The record is appended to ``runs.jsonl`` in ``runs_dir`` (default: the cache's directory).
+    ``head``: a registry name (``featprobe heads``) or any unfitted scikit-learn classifier.
+    ``params`` go to a registry head (e.g. ``epochs=50``, ``C=0.1``); ``random_state`` defaults
+    to ``seed`` where the head has one. ``sweep=True`` fits the head's registered grid and
+    chooses on an inner split of the training rows (``knn`` always chooses its ``k`` so): the
+    val rows, which score the run, play no part in the choice (docs/heads.md). The record is
+    appended to ``runs.jsonl`` in ``runs_dir`` (default: the cache's directory), unless the
+    same run (configuration and seed) is recorded there already and ``force`` is False; with
+    ``skip_recorded`` such a run is not even fitted (its recorded result comes back, with
+    ``estimator`` None) — what ``featprobe fit`` does.
 
     ``max_memory`` (bytes or a size such as ``"2GB"``; default: ``$FEATPROBE_MAX_MEMORY`` or
     half of the available RAM) bounds the features held in memory; past it the head trains from
     the file in shuffled blocks (``logreg``/``svm`` as an ``SGDClassifier``) and the record says
     so in ``out_of_core``. ``progress`` shows a bar per out-of-core epoch.
     """
-    settings = FitSettings(head, layer, seed, val_fraction, standardize, sweep, max_memory, params)
     c = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    if seeds is not None:
+        return [fit(c, head, layer, s, val_fraction, standardize, sweep, save, runs_dir, record,
+                    max_memory, progress, l2_normalize, None, force, skip_recorded, **params)
+                for s in seeds]
+    settings = FitSettings(head, layer, seed, val_fraction, standardize, sweep, max_memory, params,
+                           l2_normalize)
+    where = runs_dir if runs_dir is not None else c.directory
+    key = run_key(c, settings)[1]
+    earlier = recorded_run(where, key) if record and not force else None
+    if earlier is not None and skip_recorded and save is None:
+        return FitResult(earlier, None, earlier["run_id"])
     rec, est = run_fit(c, settings, progress)
     if save is not None:
         rec["saved_head"] = str(save_fitted(save, est, c, rec["layer"], rec))
-    if record:
-        append_run(runs_dir if runs_dir is not None else c.directory, rec)
-    return rec
+    if record and earlier is None:
+        append_run(where, rec)
+    return FitResult(rec, est, earlier["run_id"] if earlier else None)
+
+
+def run_key(c: FeatureCache, s: FitSettings) -> tuple[str, str]:
+    """``(config_key, run_key)``: what a run measures (cache, layer, head and the parameters
+    asked, preprocessing, selection, val fraction), and that with the seed. Two runs with the
+    same run_key are the same measurement: ``runs.jsonl`` holds it once."""
+    spec, _ = _head(s)
+    asked = s.params if isinstance(s.head, str) else plain_params(s.head)
+    config = {"cache": c.meta.get("cache_key") or c.path.name, "layer": c._layer(s.layer),
+              "head": spec.name, "params": asked, "standardize": s.standardize,
+              "l2_normalize": s.l2_normalize, "sweep": s.sweep, "val_fraction": s.val_fraction}
+    if s.max_memory is not None:  # a budget may swap logreg/svm for an SGDClassifier
+        config["max_memory"] = str(s.max_memory)
+    config_key = _digest(config)
+    return config_key, _digest({"config": config_key, "seed": s.seed})
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _head(s: FitSettings) -> tuple[HeadSpec, Any]:
+    """The head's spec and an unfitted estimator (behind its preprocessing)."""
+    if isinstance(s.head, str):
+        est = make_head(s.head, standardize=s.standardize, l2_normalize=s.l2_normalize,
+                        **s.params)
+        return spec_of(s.head), est
+    if not (hasattr(s.head, "fit") and hasattr(s.head, "predict") and
+            hasattr(s.head, "get_params")):
+        raise FeatprobeError(f"head must be a registered name ({', '.join(HEADS)}) or a "
+                             f"scikit-learn classifier, not {type(s.head).__name__}")
+    if s.params:
+        raise FeatprobeError("params go to registered heads; set them on your estimator")
+    spec = HeadSpec(f"sklearn:{type(s.head).__name__}", type(s.head), "a user's estimator")
+    return spec, with_preprocessing(clone(s.head), s.standardize, s.l2_normalize)
 
 
 def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[dict, Any]:
     """One fit as ``s`` says: the run record (not yet appended) and the fitted estimator."""
     budget = outofcore.resolve_budget(s.max_memory)
-    spec = spec_of(s.head)
+    spec, est = _head(s)
     layer = c._layer(s.layer)
     if not c.checksummed:
         log.warning(f"warning: {c.path.name} has no per-chunk checksums (made by featprobe "
                     "0.1.0): damage in its features goes unseen here; `featprobe verify` checks "
                     "them in full, re-extracting adds the checksums")
     split = make_split(c.ids, c.labels, val_fraction=s.val_fraction, seed=s.seed, valid=c.valid)
-    est = make_head(s.head, standardize=s.standardize, **s.params)
     inner, _ = split_pipeline(est)
     if "random_state" in inner.get_params() and "random_state" not in s.params:
         inner.set_params(random_state=s.seed)
     if s.sweep and not spec.grid:
         with_grid = [n for n, h in HEADS.items() if h.grid]
-        raise FeatprobeError(f"--sweep is available for the {' and '.join(with_grid)} heads, "
-                             f"not {s.head!r}")
+        raise FeatprobeError(f"--sweep is available for the {', '.join(with_grid)} heads, "
+                             f"not {spec.name!r}")
+    selecting = bool(spec.grid) and (s.sweep or spec.always_selects)
 
     y_train, y_val = c.labels[split.train], c.labels[split.val]
     requested, sweep_info, ooc = est, None, None
-    n_heads = len(grid_points(spec.grid)) if s.sweep else 1
+    n_heads = len(grid_points(spec.grid)) if selecting else 1
     need = outofcore.in_memory_bytes(est, len(split.train) + len(split.val), c.shapes[layer][1],
                                      c.dtypes[layer].itemsize, len(c.classes), n_heads)
+    t0 = time.perf_counter()
     if need > budget:
-        t0 = time.perf_counter()
+        if s.l2_normalize:
+            raise FeatprobeError("--l2-normalize needs the features in memory; raise "
+                                 "--max-memory")
+        if selecting:
+            est, sweep_info = select(c, split, spec, est, s.seed, lambda tr, ytr, va, yva:
+                                     outofcore.fit_out_of_core(c.path, layer, est, spec, tr, ytr,
+                                                               va, yva, budget, True, s.seed,
+                                                               progress)["sweep_result"])
         out = outofcore.fit_out_of_core(c.path, layer, est, spec, split.train, y_train,
-                                        split.val, y_val, budget, s.sweep, s.seed,
+                                        split.val, y_val, budget, False, s.seed,
                                         progress=progress)
         est, ooc = out["estimator"], out["info"]
-        fit_seconds = ooc.pop("fit_seconds", time.perf_counter() - t0)
+        ooc.pop("fit_seconds", None)
         train_pred, val_pred = out["train_pred"], out["val_pred"]
-        if out["sweep_result"] is not None:
-            sweep_info = _sweep_record(out["sweep_result"])
     else:
         # read only the split's rows, in bounded blocks (never a second copy of the layer)
         X = read_rows(c.path, layer, np.concatenate([split.train, split.val]))
         _require_finite(X, c, layer)
         X_train, X_val = X[: len(split.train)], X[len(split.train):]
         t0 = time.perf_counter()
-        if s.sweep:
-            est, sweep_info = _sweep(est, spec, X_train, y_train, X_val, y_val)
-        else:
-            est.fit(X_train, y_train)
-        fit_seconds = time.perf_counter() - t0
+        if selecting:
+            est, sweep_info = select(c, split, spec, est, s.seed, lambda tr, ytr, va, yva:
+                                     _sweep(est, spec, X_train[tr], ytr, X_train[va], yva),
+                                     positions=True)
+        est.fit(X_train, y_train)
         train_pred, val_pred = est.predict(X_train), est.predict(X_val)
+    fit_seconds = time.perf_counter() - t0
 
     # the params asked for (an out-of-core logreg/svm is an SGDClassifier: see out_of_core)
     fallback = ooc is not None and "fallback" in ooc
     all_params = head_params(requested if fallback else est)
-    defaults = spec.params()
+    defaults = spec.params() if isinstance(s.head, str) else {}
     labels = list(range(len(c.classes)))
+    config_key, key = run_key(c, s)
     rec = make_record(
         kind="probe", cache=c.path.name, cache_path=str(c.path.resolve()),
         dataset_fingerprint=c.meta.get("dataset_fingerprint"), backbone=c.backbone,
-        weights=c.meta.get("weights"), layer=layer, head=s.head,
-        params={k: v for k, v in all_params.items() if k != "standardize"},
+        weights=c.meta.get("weights"), layer=layer, head=spec.name,
+        params={k: v for k, v in all_params.items() if k not in _PREPROCESSING},
         params_set={k: v for k, v in all_params.items()
-                    if k != "standardize" and defaults.get(k) != v},
-        standardize=s.standardize, seed=s.seed, val_fraction=s.val_fraction,
-        split_hash=split.hash, n_train=len(split.train), n_val=len(split.val),
-        n_invalid=split.n_invalid, classes=c.classes,
+                    if k not in _PREPROCESSING and defaults.get(k) != v},
+        standardize=s.standardize, l2_normalize=s.l2_normalize, seed=s.seed,
+        val_fraction=s.val_fraction, split_hash=split.hash, n_train=len(split.train),
+        n_val=len(split.val), n_invalid=split.n_invalid, classes=c.classes,
         train=compute_metrics(y_train, train_pred, labels),
         val=compute_metrics(y_val, val_pred, labels), fit_seconds=round(fit_seconds, 4),
         sweep=sweep_info, out_of_core=ooc, majority_rate=majority_rate(y_train, y_val),
+        val_correct=correct_mask(y_val, val_pred), config_key=config_key, run_key=key,
+        params_asked=dict(s.params) if isinstance(s.head, str) else plain_params(s.head),
     )
     return rec, est
+
+
+_PREPROCESSING = ("standardize", "l2_normalize")
 
 
 def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:
@@ -154,23 +255,24 @@ def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:
 
 
 def _sweep(est, spec, X_train, y_train, X_val, y_val):
-    """Fit the head's registered grid; return the winning estimator and the grid record."""
+    """Fit the head's registered grid on ``X_train``, score on ``X_val``: a SweepResult."""
     inner, standardize = split_pipeline(est)
-    scaler = None
-    if standardize:
-        scaler = est.steps[0][1].fit(X_train)
-        X_train, X_val = scaler.transform(X_train), scaler.transform(X_val)
-    result = sweep_head(inner, spec.grid, X_train, y_train, X_val, y_val)
-    best = result.best_estimator_
-    if scaler is not None:
-        best = make_pipeline(scaler, best)
-    return best, _sweep_record(result)
+    grid = capped_grid(spec, len(y_train))
+    if isinstance(est, Pipeline):  # the preprocessing is fit on the rows the grid trains on
+        prep = Pipeline(est.steps[:-1]).fit(X_train)
+        X_train, X_val = prep.transform(X_train), prep.transform(X_val)
+    return sweep_head(inner, grid, X_train, y_train, X_val, y_val)
 
 
-def _sweep_record(result) -> dict:
-    won = {"params": {k: v for k, v in result.best.items() if k not in SCORES},
-           **{k: result.best[k] for k in SCORES}}
-    return {"grid": result.grid, "best": won}
+def _train_images(cache: FeatureCache, rec: dict) -> list[str] | None:
+    """Digests of the training images' paths, so that ``predict`` can say when it is asked to
+    score images the head was trained on (None: the cache does not record where they were)."""
+    root = cache.meta.get("images_root")
+    if not root:
+        return None
+    split = make_split(cache.ids, cache.labels, val_fraction=rec["val_fraction"],
+                       seed=rec["seed"], valid=cache.valid)
+    return sorted(image_digest(Path(root) / cache.ids[i]) for i in split.train)
 
 
 def save_fitted(path: str | os.PathLike, est, cache: FeatureCache, layer: str, rec: dict) -> Path:
@@ -178,5 +280,5 @@ def save_fitted(path: str | os.PathLike, est, cache: FeatureCache, layer: str, r
     meta = {k: cache.meta.get(k) for k in HEAD_META_KEYS}
     meta.update(classes=cache.classes, layer=layer, n_features=int(cache.shapes[layer][1]),
                 head=rec["head"], split_hash=rec["split_hash"], run_id=rec["run_id"],
-                val_accuracy=rec["val"]["accuracy"])
+                val_accuracy=rec["val"]["accuracy"], train_images=_train_images(cache, rec))
     return save_head(path, est, meta)

@@ -30,7 +30,8 @@ from featprobe import __version__
 from featprobe.errors import FeatprobeError
 from featprobe.files import atomic_write
 from featprobe.plain import is_plain, to_plain
-from featprobe.probe.registry import head_name, head_params
+from featprobe.probe.knn import KNNHead
+from featprobe.probe.registry import L2Normalizer, head_name, head_params, is_l2_normalized
 from featprobe.probe.torch_heads import LinearHead, MLPHead
 
 __all__ = ["ALLOWED_CLASSES", "FORMAT_VERSION", "load_head", "save_head"]
@@ -45,9 +46,11 @@ ALLOWED_CLASSES: dict[str, type] = {
     "sklearn.linear_model.SGDClassifier": SGDClassifier,  # the out-of-core stand-in for logreg/svm
     "sklearn.svm.LinearSVC": LinearSVC, "sklearn.svm.SVC": SVC,
     "sklearn.preprocessing.StandardScaler": StandardScaler, "sklearn.pipeline.Pipeline": Pipeline,
+    "featprobe.heads.KNNHead": KNNHead, "featprobe.heads.L2Normalizer": L2Normalizer,
 }
 _CLASS_NAMES = {cls: name for name, cls in ALLOWED_CLASSES.items()}
 _RESERVED = ("format_version", "featprobe_version", "head", "estimator_class", "standardize",
+             "l2_normalize",
              "params", "library_versions")
 _JSON_SCALARS = (bool, int, float, str, type(None))
 # Fitted state that prediction never reads and that is not plain data: not saved.
@@ -135,6 +138,7 @@ def save_head(path: str | os.PathLike, estimator: BaseEstimator, meta: dict) -> 
     own = {"format_version": FORMAT_VERSION, "featprobe_version": __version__, "head": name,
            "estimator_class": _class_name(estimator),
            "standardize": any(isinstance(s, StandardScaler) for s in steps[:-1]),
+           "l2_normalize": is_l2_normalized(estimator),
            "params": head_params(estimator),
            "library_versions": {"scikit-learn": sklearn.__version__, "torch": torch.__version__,
                                 "numpy": np.__version__}}
@@ -178,6 +182,10 @@ def _check_fitted(est, where: str) -> None:
         raise FeatprobeError(f"{where}: classes_ are not distinct and sorted; the file was edited")
     if isinstance(est, StandardScaler) and not (np.asarray(est.scale_) > 0).all():
         raise FeatprobeError(f"{where}: the scaler divides by zero; the file was edited")
+    labels = getattr(est, "train_labels_", None)  # KNNHead: class indices of its rows
+    if labels is not None and (np.asarray(est.train_).shape[0] != len(labels) or len(labels) and (
+            labels.min() < 0 or labels.max() >= len(classes))):
+        raise FeatprobeError(f"{where}: train_labels_ do not index classes_; the file was edited")
 
 
 def _decode_value(rec: dict, members: dict, where: str) -> Any:

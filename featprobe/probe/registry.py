@@ -7,18 +7,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from featprobe.errors import FeatprobeError
 from featprobe.plain import is_plain, to_plain
+from featprobe.probe.knn import KNNHead
 from featprobe.probe.torch_heads import LinearHead, MLPHead
 
-__all__ = ["HEADS", "HeadSpec", "head_name", "head_params", "list_heads", "make_head", "spec_of",
-           "split_pipeline"]
+__all__ = ["HEADS", "HeadSpec", "head_name", "head_params", "is_l2_normalized", "list_heads",
+           "L2Normalizer", "make_head", "spec_of", "split_pipeline", "with_preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class HeadSpec:
     description: str
     defaults: dict = field(default_factory=dict)
     grid: dict[str, tuple] | None = None  # --sweep: the product of these values, in key order
+    always_selects: bool = False  # chooses from its grid on every fit, --sweep or not
     out_of_core: str | None = None  # "torch" | "sgd:<loss>" | None (features must fit memory)
     standardize: bool = True  # may be put behind a StandardScaler
 
@@ -45,6 +48,10 @@ class HeadSpec:
         return kind.split(":", 1)[1] if kind.startswith("sgd:") else None
 
 
+# C for logreg/svm --sweep: one value a decade, 1e-4 ... 1e2 (DINOv2 sweeps 45 values over a
+# wider range; a decade apart is enough to find the regime at 7 fits).
+C_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+
 HEADS: dict[str, HeadSpec] = {
     spec.name: spec for spec in (
         HeadSpec("linear", LinearHead, "torch linear layer, AdamW + cross-entropy; GPU if present",
@@ -53,12 +60,14 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec("mlp", MLPHead, "torch MLP (VGG classifier style): Linear-ReLU-Dropout-Linear",
                  out_of_core="torch"),
         HeadSpec("logreg", LogisticRegression, "scikit-learn logistic regression (lbfgs)",
-                 {"max_iter": 1000}, grid={"C": (0.001, 0.01, 0.1, 1, 10, 100)},
-                 out_of_core="sgd:log_loss"),
+                 {"max_iter": 1000}, grid={"C": C_GRID}, out_of_core="sgd:log_loss"),
         HeadSpec("svm", LinearSVC, "scikit-learn linear SVM (LinearSVC); no predict_proba",
-                 {"random_state": 0}, out_of_core="sgd:hinge"),
+                 {"random_state": 0}, grid={"C": C_GRID}, out_of_core="sgd:hinge"),
         HeadSpec("svm-rbf", SVC, "scikit-learn RBF-kernel SVM (SVC), Platt-scaled probabilities",
                  {"probability": True, "random_state": 0}),
+        HeadSpec("knn", KNNHead, "k nearest neighbours, cosine similarity, weighted vote (T=0.07);"
+                 " k chosen on an inner split", grid={"k": (10, 20, 100, 200)},
+                 always_selects=True),
     )
 }
 
@@ -75,10 +84,12 @@ def spec_of(name: str) -> HeadSpec:
     return spec
 
 
-def make_head(name: str, standardize: bool = False, **params: Any) -> BaseEstimator:
+def make_head(name: str, standardize: bool = False, l2_normalize: bool = False,
+              **params: Any) -> BaseEstimator:
     """An unfitted head by registry name, ``params`` overriding the registry defaults;
-    ``standardize`` puts a ``StandardScaler`` in front (a pipeline, so the scaler is fit on the
-    training rows only). Raises FeatprobeError for an unknown name, parameter or value."""
+    ``l2_normalize`` scales each row to unit length and ``standardize`` puts a
+    ``StandardScaler`` after it (a pipeline, so the scaler is fit on the training rows only).
+    Raises FeatprobeError for an unknown name, parameter or value."""
     spec = spec_of(name)
     valid = spec.factory().get_params(deep=False)
     unknown = sorted(set(params) - set(valid))
@@ -94,7 +105,21 @@ def make_head(name: str, standardize: bool = False, **params: Any) -> BaseEstima
             check()
     except (ValueError, TypeError) as e:
         raise FeatprobeError(f"head {name!r}: {str(e).splitlines()[0]}") from e
-    return make_pipeline(StandardScaler(), head) if standardize else head
+    return with_preprocessing(head, standardize, l2_normalize)
+
+
+class L2Normalizer(Normalizer):
+    """scikit-learn's ``Normalizer(norm="l2")`` on float32 rows: cached float16 features would
+    be normalised in float16, whose sum of squares overflows above 65504."""
+
+    def transform(self, X, copy=None):
+        return super().transform(np.asarray(X, dtype=np.float32), copy=False)
+
+
+def with_preprocessing(head: BaseEstimator, standardize: bool, l2_normalize: bool):
+    """``head`` behind ``L2Normalizer`` and/or ``StandardScaler``, in that order."""
+    steps = [L2Normalizer()] * l2_normalize + [StandardScaler()] * standardize
+    return make_pipeline(*steps, head) if steps else head
 
 
 def split_pipeline(estimator) -> tuple[BaseEstimator, bool]:
@@ -103,6 +128,12 @@ def split_pipeline(estimator) -> tuple[BaseEstimator, bool]:
         steps = [s for _, s in estimator.steps]
         return steps[-1], any(isinstance(s, StandardScaler) for s in steps[:-1])
     return estimator, False
+
+
+def is_l2_normalized(estimator) -> bool:
+    """Whether a ``Normalizer`` precedes the head."""
+    return isinstance(estimator, Pipeline) and any(
+        isinstance(s, Normalizer) for _, s in estimator.steps[:-1])
 
 
 def head_name(estimator: BaseEstimator) -> str:
@@ -133,4 +164,7 @@ def head_params(estimator: BaseEstimator) -> dict:
     """All JSON-representable parameters of a head, for run records, with ``standardize``, so
     that ``make_head(head_name(est), **head_params(est))`` rebuilds an unfitted copy."""
     head, standardize = split_pipeline(estimator)
-    return {"standardize": standardize, **plain_params(head)}
+    out = {"standardize": standardize, **plain_params(head)}
+    if is_l2_normalized(estimator):
+        out["l2_normalize"] = True
+    return out

@@ -109,6 +109,11 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"random_state must be a non-negative integer or None; got {rs!r}")
         resolve_device(self.device, error=ValueError)
 
+    def _epochs(self, n_rows: int, batch_size: int) -> int:
+        """``epochs``, or more for a small set, so that training takes ``min_steps`` steps."""
+        steps = math.ceil(n_rows / batch_size)
+        return max(int(self.epochs), math.ceil(getattr(self, "min_steps", 0) / steps))
+
     def _set_classes(self, y) -> np.ndarray:
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
@@ -155,9 +160,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         params = [[t.to(device, copy=True).requires_grad_() for t in init] for _ in range(n_heads)]
         opt = self._optimizer(params, lrs, wds)
         bs = min(self.batch_size, rows.n)
-        curve = torch.zeros(self.epochs, n_heads, device=device)  # summed loss per epoch
+        epochs = self._epochs(rows.n, bs)
+        curve = torch.zeros(epochs, n_heads, device=device)  # summed loss per epoch
         checked = False
-        for epoch in range(self.epochs):
+        for epoch in range(epochs):
             for x, y in rows.batches(gen, bs, device):
                 scores = self._scores(params, x)  # [G, C, k]
                 loss = F.cross_entropy(scores, y.expand(n_heads, -1), reduction="none").sum(1)
@@ -194,7 +200,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
     def _fitted(self, params: list[torch.Tensor], curve: np.ndarray) -> _TorchHead:
         """Set the learned attributes from one head's trained parameters and loss curve."""
         self._store(params)
-        self.n_iter_ = int(self.epochs)
+        self.n_iter_ = len(curve)
         self.loss_curve_ = [float(v) for v in curve]
         return self
 
@@ -244,12 +250,17 @@ class LinearHead(_TorchHead):
     Parameters
     ----------
     epochs : int, default=30
-        Passes over the training rows.
+        Passes over the training rows (at least; see ``min_steps``).
     batch_size : int, default=128
         Rows per minibatch (the last one of an epoch may be smaller).
     lr : float, default=1e-3
     weight_decay : float, default=1e-4
         On the weight matrix, not the bias; decoupled for ``"adamw"``, an L2 term for ``"adam"``.
+    min_steps : int, default=500
+        Small sets get more epochs, so that training takes at least this many optimiser steps:
+        30 epochs of 300 rows are 90 steps of lr 1e-3, too few to fit even separable data
+        (62% training accuracy on scikit-learn's 3-blob check, 92% with 500 steps). Sets of
+        2,000+ rows are unaffected at the defaults. 0: exactly ``epochs``.
     optimizer : {"adamw", "adam"}, default="adamw"
     device : str, default="auto"
         ``"auto"`` uses CUDA when available.
@@ -273,17 +284,21 @@ class LinearHead(_TorchHead):
 
     def __init__(self, epochs: int = 30, batch_size: int = 128, lr: float = 1e-3,
                  weight_decay: float = 1e-4, optimizer: str = "adamw", device: str = "auto",
-                 random_state: int | None = 0):
+                 random_state: int | None = 0, min_steps: int = 500):
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
+        self.min_steps = min_steps
         self.optimizer = optimizer
         self.device = device
         self.random_state = random_state
 
     def _check_params(self) -> None:
         super()._check_params()
+        m = self.min_steps
+        if not isinstance(m, numbers.Integral) or isinstance(m, bool) or m < 0:
+            raise ValueError(f"min_steps must be an integer >= 0; got {m!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw'; got {self.optimizer!r}")
 

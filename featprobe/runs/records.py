@@ -24,7 +24,7 @@ from featprobe.errors import FeatprobeError
 from featprobe.plain import to_plain
 
 __all__ = ["RUNS_FILE", "RECORD_FIELDS", "append_run", "compute_metrics", "make_record",
-           "read_runs"]
+           "read_runs", "recorded_run", "correct_mask"]
 
 RUNS_FILE = "runs.jsonl"
 log = logging.getLogger("featprobe")
@@ -34,7 +34,7 @@ RECORD_FIELDS = ("run_id", "time", "kind", "cache", "cache_path", "dataset_finge
                  "backbone", "weights", "layer", "head", "params", "standardize", "seed",
                  "val_fraction", "split_hash", "n_train", "n_val", "n_invalid", "classes",
                  "train", "val", "fit_seconds", "sweep", "versions")
-KINDS = ("probe", "baseline")
+KINDS = ("probe", "baseline", "curve")
 _BASELINE_DEFAULTS = {"backbone": "cnn", "weights": "none", "layer": "pixels", "head": "cnn"}
 
 
@@ -64,6 +64,12 @@ def majority_rate(y_train: np.ndarray, y_val: np.ndarray) -> float:
     if len(y_val) == 0:
         return float("nan")
     return float(np.mean(y_val == np.bincount(y_train).argmax()))
+
+
+def correct_mask(y_true: np.ndarray, y_pred: np.ndarray) -> str:
+    """Which val rows were right, in split order, as hex of packed bits: the per-image outcome
+    that pairs two runs on the same split (McNemar's test in ``featprobe compare``)."""
+    return np.packbits(np.asarray(y_true) == np.asarray(y_pred)).tobytes().hex()
 
 
 def _dist_version(module: str, dist: str) -> str | None:
@@ -143,7 +149,9 @@ def _lock(path: Path) -> FileLock:
 _TYPES = {**dict.fromkeys(("run_id", "kind", "backbone", "weights", "layer", "head",
                            "dataset_fingerprint", "split_hash"), str),
           **dict.fromkeys(("params", "params_set", "train", "val", "sweep"), dict),
-          "seed": int, "standardize": bool, "val_fraction": float, "fit_seconds": float}
+          **dict.fromkeys(("config_key", "run_key", "val_correct"), str),
+          "seed": int, "standardize": bool, "l2_normalize": bool, "val_fraction": float,
+          "fit_seconds": float, "n_train": int, "n_val": int}
 _METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "majority_rate")
 
 
@@ -228,3 +236,24 @@ def read_runs(directory_or_file: str | os.PathLike) -> list[dict]:
         _check_types(obj, where)
         records.append(obj)
     return records
+
+
+def recorded_run(directory_or_file: str | os.PathLike, run_key: str) -> dict | None:
+    """The last record in the runs log with this ``run_key`` (the same configuration and seed),
+    or None. Lines that do not parse are passed over here (``compare`` reports them): a damaged
+    log never stops a fit from being recorded."""
+    path = _runs_path(directory_or_file)
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    needle = json.dumps(run_key).encode()
+    for line in reversed(raw.split(b"\n")):
+        if needle in line:
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(obj, dict) and obj.get("run_key") == run_key:
+                return obj
+    return None
