@@ -6,14 +6,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
 import featprobe.cnn_baseline as bl
+from featprobe.cli import main
 from featprobe.cnn_baseline import BASELINE_DEFAULTS, SmallCNN, architecture, baseline
 from featprobe.data import load_dataset
 from featprobe.errors import FeatprobeError
 from featprobe.runs import RECORD_FIELDS, read_runs
+from featprobe.runs.compare import compare
 from featprobe.splits import split
 
 N_IMAGES = 60
@@ -155,3 +158,20 @@ def test_unreadable_image_names_the_file_and_writes_no_record(stripes, tmp_path)
 def test_bad_arguments_are_featprobe_errors(stripes, tmp_path, bad):
     with pytest.raises(FeatprobeError):
         baseline(stripes / "train.csv", cache_dir=tmp_path, workers=0, progress=False, **bad)
+
+
+def test_seeds_decode_once_and_equal_single_runs(stripes, tmp_path):
+    kwargs = dict(image_size=16, epochs=2, batch_size=8, val_fraction=0.25, device="cpu",
+                  workers=0, progress=False)
+    r = CliRunner().invoke(main, ["baseline", str(stripes / "train.csv"), "--seeds", "1,4",
+                                  "--image-size", "16", "--epochs", "2", "--batch-size", "8",
+                                  "--val-fraction", "0.25", "--device", "cpu", "--workers", "0",
+                                  "-q", "--cache-dir", str(tmp_path / "many")])
+    assert r.exit_code == 0, r.output
+    many = read_runs(tmp_path / "many")
+    assert [x["seed"] for x in many] == [1, 4] and r.output.count("cnn baseline") == 2
+    one = baseline(stripes / "train.csv", seed=4, cache_dir=tmp_path / "one", **kwargs)
+    for key in ("train", "val", "epoch_losses", "split_hash", "val_correct"):
+        assert many[1][key] == one[key], key
+    df = compare(tmp_path / "many")
+    assert df.loc[0, "n_seeds"] == 2 and df.loc[0, "val_acc_ci_low"] <= df.loc[0, "val_acc"]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_reduced_demo_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(demo, "HEADS", ("logreg", "linear"))  # mlp/svm are covered elsewhere
+    monkeypatch.setattr(demo, "HEADS", {"logreg": {"sweep": True}, "knn": {}})  # others: elsewhere
     out = tmp_path / "demo"
     quick = {"epochs": 2, "image_size": 32}
     demo.run(out, n=120, baseline_params=quick, progress=False)
@@ -33,8 +33,9 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert sorted(c["weights"] for c in caches) == ["IMAGENET1K_V1", "none"]
     runs = read_runs(out / "cache")
     assert sorted((r["weights"], r["head"]) for r in runs) == sorted(
-        [("IMAGENET1K_V1", "linear"), ("IMAGENET1K_V1", "logreg"), ("none", "linear"),
+        [("IMAGENET1K_V1", "knn"), ("IMAGENET1K_V1", "logreg"), ("none", "knn"),
          ("none", "logreg"), ("none", "cnn")])
+    assert all(r["sweep"]["selected_on"]["n_val"] > 0 for r in runs if r["head"] != "cnn")
     assert len({r["split_hash"] for r in runs}) == 1  # one split for heads and the baseline
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     table = printed.out.splitlines()

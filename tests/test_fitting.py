@@ -228,11 +228,19 @@ def test_saved_head_predicts_what_memory_head_predicts(real, head, tmp_path):
     written = pd.read_csv(tmp_path / "p.csv")
     assert list(written["image_names"]) == [f"{i}.png" for i in range(50, 60)]
     # the held-out images' features equal what extract caches for them
+    assert "in_training" not in df  # test.csv holds no training image
     train_pred = predict(tmp_path / "h.npz", root / "train.csv", progress=False, workers=0)[0]
     np.testing.assert_array_equal(
         train_pred["label"].astype(int).to_numpy(),
         np.array(cache.classes)[est.predict(X.astype(np.float32))],
     )
+    # the head's own training images: marked, and left out of the accuracy
+    train_pred, acc = predict(tmp_path / "h.npz", root / "train.csv", progress=False, workers=0)
+    s = split(cache.ids, cache.labels, seed=0)
+    seen = train_pred["in_training"].to_numpy()
+    assert seen.sum() == len(s.train) and not seen[s.val].any()
+    hit = (train_pred["label"] == train_pred["true_label"]).to_numpy()
+    assert acc == pytest.approx(hit[~seen].mean())
     if head == "svm":
         assert train_pred["probability"].isna().all()
     else:
