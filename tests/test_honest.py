@@ -126,6 +126,8 @@ def test_seeds_are_recorded_once_and_compared_with_intervals(cache):
     assert row["val_acc_ci_high"] == pytest.approx(min(1, accs.mean() + half))
     text = format_table(df, "table")
     assert "val 95% CI" in text and "vs best" in text
+    r = runner.invoke(main, ["fit", str(cache.path), "--seeds", "0,1", "--save", "h.npz"])
+    assert r.exit_code == 2 and "--save keeps one head" in r.output
     for bad in ("x", "3-1", ""):
         r = runner.invoke(main, ["fit", str(cache.path), "--seeds", bad])
         assert r.exit_code == 2 and r.output.startswith("error:"), r.output

@@ -110,6 +110,10 @@ def fit(cache: FeatureCache | str | os.PathLike, head: Any = "logreg", layer: st
     """
     c = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     if seeds is not None:
+        seeds = list(seeds)
+        if save is not None and len(seeds) > 1:
+            raise FeatprobeError("--save keeps one head: fit the seed you want with --seed N "
+                                 "--save PATH")
         return [fit(c, head, layer, s, val_fraction, standardize, sweep, save, runs_dir, record,
                     max_memory, progress, l2_normalize, None, force, skip_recorded, **params)
                 for s in seeds]

@@ -90,4 +90,5 @@ class KNNHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: ArrayLike) -> np.ndarray:
         """The class with the largest vote (ties to the first class)."""
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)  # first: it says when the head is not fitted
+        return self.classes_[proba.argmax(axis=1)]
