@@ -22,7 +22,7 @@ def report_command(directory, out, images, max_thumbnails, no_refit):
     ./cache): comparison table, accuracy chart, few-shot curves, the best head's per-class
     metrics, confusion matrix and misclassified images, and what was compared. Prints its path.
     """
-    from featprobe.report import report
+    from featprobe.reporting import report
 
     path = report(directory, out, images=images, refit=not no_refit,
                   max_thumbnails=max_thumbnails)

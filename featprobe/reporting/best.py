@@ -20,7 +20,7 @@ import pandas as pd
 
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
-from featprobe.report.thumbnails import image_root, thumbnail
+from featprobe.reporting.thumbnails import image_root, thumbnail
 from featprobe.splits import split as make_split
 
 log = logging.getLogger("featprobe")

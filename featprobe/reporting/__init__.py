@@ -2,6 +2,6 @@
 table, the accuracy chart, few-shot curves, the best head's per-class figures and misclassified
 images, and what was compared (docs/report.md)."""
 
-from featprobe.report.build import report
+from featprobe.reporting.build import report
 
 __all__ = ["report"]

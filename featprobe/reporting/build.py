@@ -20,8 +20,8 @@ from featprobe import __version__
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
 from featprobe.files import atomic_write
-from featprobe.report import figures
-from featprobe.report.best import BestHead, best_record, examine
+from featprobe.reporting import figures
+from featprobe.reporting.best import BestHead, best_record, examine
 
 log = logging.getLogger("featprobe")
 
@@ -84,7 +84,7 @@ def render(page: dict) -> str:
     """The page dict through the packaged template (autoescaped; figures are trusted SVG)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    env = Environment(loader=PackageLoader("featprobe.report", "templates"), autoescape=True,
+    env = Environment(loader=PackageLoader("featprobe.reporting", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = _pct
     return env.get_template("report.html.j2").render(**page)

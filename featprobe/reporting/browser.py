@@ -4,7 +4,7 @@ no Python dependency beyond the standard library.
 ``--remote-debugging-pipe`` gives Chromium's protocol on file descriptors 3 (commands in) and 4
 (replies and events out), NUL-separated JSON. :func:`render` opens a page, collects console
 messages, uncaught exceptions, log entries and every network request it makes, and takes a
-screenshot. ``python -m featprobe.report.browser REPORT.html --screenshot PNG`` makes the
+screenshot. ``python -m featprobe.reporting.browser REPORT.html --screenshot PNG`` makes the
 README's picture (docs/report.md)."""
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def render(page: str | os.PathLike, chromium: str | None = None, width: int = 12
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m featprobe.report.browser",
+    ap = argparse.ArgumentParser(prog="python -m featprobe.reporting.browser",
                                  description="Render a report in headless Chromium: print its "
                                  "console errors and network requests, save a screenshot.")
     ap.add_argument("page", type=Path, help="the report's HTML file")
