@@ -15,7 +15,7 @@ LAYERS = [
     {"featprobe.cache"},
     {"featprobe.runs"},
     {"featprobe.extraction", "featprobe.probe"},
-    {"featprobe.prediction", "featprobe.cnn_baseline", "featprobe.heads"},
+    {"featprobe.prediction", "featprobe.cnn_baseline", "featprobe.heads", "featprobe.reporting"},
     {"featprobe.cli", "featprobe.demo", "featprobe.__main__"},
 ]
 
@@ -53,6 +53,9 @@ BUDGET = {
     "their extraction, whole run records, record types, head digests and checks, file "
     "identity, devices, one-class data, resize bounds": 260,
     "cli.py split into cli/ (app, one module of commands per stage) so commands can grow": 50,
+    "featprobe report (issue 17): one self-contained HTML page (table, charts, curves, the best "
+    "head refitted: per-class metrics, confusion matrix, misclassified thumbnails, provenance) "
+    "and its headless-Chromium renderer (screenshots, console/network checks)": 920,
 }
 
 

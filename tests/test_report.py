@@ -262,6 +262,16 @@ def test_intervals_ties_and_seeds_from_compare_are_shown(tmp_path, monkeypatch):
     assert "indistinguishable from the best at 95%" in html
 
 
+def test_without_matplotlib_the_page_says_so(tmp_path, monkeypatch):
+    import sys
+
+    _fake_runs(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    html = fp.report(tmp_path, refit=False).read_text()
+    assert "<svg" not in html and "pictures need matplotlib: pip install" in html
+    assert len(Page(html).tables["comparison"]) == 1 + 3
+
+
 def test_curves_are_read_from_curves_jsonl(tmp_path):
     _fake_runs(tmp_path)
     points = [{"n_per_class": n, "mean": m, "ci_low": m - 0.05, "ci_high": m + 0.04,

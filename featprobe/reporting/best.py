@@ -91,6 +91,8 @@ def _settings(record: dict):
         params = record.get("params") or {}
     params = {k: v for k, v in params.items() if k not in _NOT_PARAMS}
     known = {f.name for f in dataclasses.fields(FitSettings)}
+    if not isinstance(record.get("head"), str):
+        raise FeatprobeError("the run record names no head")
     asked = dict(head=record["head"], layer=record.get("layer"), seed=int(record.get("seed") or 0),
                  val_fraction=float(record.get("val_fraction") or 0.1),
                  standardize=bool(record.get("standardize")), sweep=bool(record.get("sweep")),
@@ -140,7 +142,7 @@ def examine(record: dict, label: str, directory: Path, images: str | os.PathLike
                            seed=settings.seed, valid=cache.valid)
         _, est = run_fit(cache, settings)
         X_val = cache.features(settings.layer, split.val).astype(np.float32)
-    except FeatprobeError as e:
+    except (FeatprobeError, ValueError) as e:  # ValueError: a head refusing recorded params
         out.problem = f"could not refit the best configuration: {e}"
         return out
     y_val = cache.labels[split.val]

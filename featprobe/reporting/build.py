@@ -68,7 +68,7 @@ def report(directory: str | os.PathLike | None = None, out: str | os.PathLike | 
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"), version=__version__,
         summary=_summary(df, best), table=_table(df), has_intervals=_has_intervals(df),
         has_ties="tied_best" in df.columns,
-        chart=figures.accuracy_chart(df, CHART_ROWS) if len(df) else None,
+        chart=figures.draw(figures.accuracy_chart, df, CHART_ROWS) if len(df) else None,
         chart_rows=min(CHART_ROWS, len(df)), n_rows=len(df),
         curves=_curves(curves), best=_best(best), provenance=_provenance(records, curves))
     html = render(page)
@@ -210,7 +210,7 @@ def _curves(curves: list[dict]) -> dict | None:
     tables = [dict(label=c["label"], tries=c.get("tries"), seed=c.get("seed"),
                    points=sorted(c["points"], key=lambda p: p.get("n_per_class") or math.inf))
               for c in shown]
-    return dict(chart=figures.curves_chart(shown), tables=tables)
+    return dict(chart=figures.draw(figures.curves_chart, shown), tables=tables)
 
 
 def _best(best: BestHead | None) -> dict | None:
@@ -218,7 +218,7 @@ def _best(best: BestHead | None) -> dict | None:
         return None
     page = dict(b=best, seed=best.record.get("seed"), confusion=None)
     if best.confusion is not None and len(best.classes):
-        page["confusion"] = figures.confusion_chart(best.confusion, best.classes)
+        page["confusion"] = figures.draw(figures.confusion_chart, best.confusion, best.classes)
     return page
 
 

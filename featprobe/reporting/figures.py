@@ -11,6 +11,16 @@ import numpy as np
 import pandas as pd
 
 PROBE, TIED, BASELINE, MAJORITY = "#4c72b0", "#1f4e99", "#dd8452", "#666666"
+NO_MATPLOTLIB = "pictures need matplotlib: pip install 'featprobe[plot]'"
+
+
+def draw(picture, *args) -> str:
+    """``picture(*args)``, or a note saying why there is no picture (matplotlib is optional)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return f'<p class="problem">{NO_MATPLOTLIB}</p>'
+    return picture(*args)
 
 
 def _svg(fig, salt: str) -> str:
