@@ -126,7 +126,7 @@ def test_table_values_are_compares(runs_dir, built):
     col = {name: i for i, name in enumerate(head)}
     for row, (_, ref) in zip(rows, df.iterrows()):
         assert row[col["head"]] == ref["head"]
-        assert row[col["n"]] == str(ref["n_runs"])
+        assert row[col["n runs"]] == str(ref["n_runs"])
         assert row[col["val acc"]] == f"{100 * ref['val_acc']:.1f}"
         assert row[col["macro F1"]] == f"{100 * ref['val_f1']:.1f}"
         std = ref["val_acc_std"]
@@ -256,7 +256,7 @@ def test_intervals_ties_and_seeds_from_compare_are_shown(tmp_path, monkeypatch):
     for row, (_, ref) in zip(rows, df.iterrows()):
         assert row[col["95% interval"]] == (f"{100 * ref['val_acc_ci_low']:.1f} – "
                                             f"{100 * ref['val_acc_ci_high']:.1f}")
-        assert row[col["n"]] == "3"
+        assert row[col["n seeds"]] == "3"
     assert [r[col["mark"]] for r in rows] == ["best", "≈ best", ""]
     assert html.count('class=" tied"') == 2
     assert "indistinguishable from the best at 95%" in html

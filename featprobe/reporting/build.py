@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from featprobe import __version__
@@ -136,7 +137,8 @@ def _table(df: pd.DataFrame) -> dict:
     extra = [c for c in ("dataset", "val_fraction") if c in df.columns]
     heads = [(c.replace("_", " "), False) for c in extra]
     heads += [(c, False) for c in ("backbone", "weights", "layer", "head", "params", "std.")]
-    heads += [(c, True) for c in ("n", "val acc", "95% interval" if ci else "± std", "bal. acc",
+    n_name = "n seeds" if "n_seeds" in df.columns else "n runs"
+    heads += [(c, True) for c in (n_name, "val acc", "95% interval" if ci else "± std", "bal. acc",
                                   "macro F1", "train acc", "fit s")]
     heads.append(("mark", False))
     rows = []
@@ -147,7 +149,9 @@ def _table(df: pd.DataFrame) -> dict:
         else:
             std = _num(r.get("val_acc_std"))
             spread = "–" if math.isnan(std) else f"± {100 * std:.1f}"
-        mark = "best" if i == 0 else ("≈ best" if r.get("tied_best") is True else "")
+        tied = r.get("tied_best")
+        mark = "best" if i == 0 else ("≈ best" if isinstance(tied, (bool, np.bool_)) and tied
+                                      else "")
         n = _num(r.get("n_seeds", r.get("n_runs")))
         cells = [(_text(r.get(c)), _text(r.get(c), "")) for c in
                  (*extra, "backbone", "weights", "layer", "head", "params")]
