@@ -121,10 +121,6 @@ def examine(record: dict, label: str, directory: Path, images: str | os.PathLike
             max_thumbnails: int = 24, refit: bool = True) -> BestHead:
     """Refit ``record``'s configuration and gather what the page shows of it. Problems a user
     can fix (no cache, a head this featprobe cannot rebuild) end up in ``problem``, not raised."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    from featprobe.probe.fit import run_fit
-
     out = BestHead(record=record, label=label, recorded_acc=(record.get("val") or {}).get(
         "accuracy"))
     if not refit:
@@ -135,6 +131,10 @@ def examine(record: dict, label: str, directory: Path, images: str | os.PathLike
         out.problem = (f"cache not found: {record.get('cache_path') or record.get('cache')} "
                        "(moved or deleted since the run); per-class figures and images need it")
         return out
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from featprobe.probe.fit import run_fit  # imports torch: only when refitting
+
     try:
         cache = FeatureCache(path)
         settings = _settings(record)
