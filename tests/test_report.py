@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -405,3 +406,17 @@ def test_report_is_in_the_lazy_api():
     from featprobe.reporting.build import report
 
     assert fp.report is report and "report" in fp.__all__
+
+
+def test_image_root_and_thumbnail_of_a_missing_or_broken_file(tmp_path, class_tree):
+    from featprobe.reporting.thumbnails import image_root, thumbnail
+
+    assert image_root({"source": str(class_tree)}) == class_tree  # a class-per-folder tree
+    assert image_root({"source": "/data/train.csv"}) == Path("/data/images")  # the CSV default
+    assert image_root({"source": "/data/train.csv"}, images=tmp_path) == tmp_path
+    assert image_root({}) is None
+    assert thumbnail(tmp_path / "gone.png") is None
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    assert thumbnail(tmp_path / "broken.png") is None
+    uri = thumbnail(next((class_tree / "cat").iterdir()))
+    assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (16, 16)
