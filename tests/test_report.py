@@ -420,3 +420,28 @@ def test_image_root_and_thumbnail_of_a_missing_or_broken_file(tmp_path, class_tr
     assert thumbnail(tmp_path / "broken.png") is None
     uri = thumbnail(next((class_tree / "cat").iterdir()))
     assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (16, 16)
+
+
+def test_a_saved_head_is_used_instead_of_a_refit(tmp_path, monkeypatch):
+    from featprobe.cache import write_arrays
+    from featprobe.probe import fit as fit_module
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 600)
+    X = rng.normal(size=(600, 16)) + 0.4 * y[:, None]
+    cache = write_arrays(tmp_path / "c.h5", [f"{i}.png" for i in range(600)], y, ["a", "b", "c"],
+                         {"f": X})
+    rec = fp.fit(cache, head="logreg", save=tmp_path / "h.npz")
+
+    def no_refit(*a, **k):
+        raise AssertionError("refitted although the run saved its head")
+
+    monkeypatch.setattr(fit_module, "run_fit", no_refit)
+    html = fp.report(tmp_path).read_text()
+    assert f"Its saved head ({tmp_path / 'h.npz'})" in html
+    assert f": {100 * rec['val']['accuracy']:.1f}% on {rec['n_val']} val images" in html
+    (tmp_path / "h.npz").unlink()  # gone: the report refits
+    monkeypatch.undo()
+    html = fp.report(tmp_path).read_text()
+    assert "Refitted for this page" in html and "Its saved head" not in html
+    assert f": {100 * rec['val']['accuracy']:.1f}% on {rec['n_val']} val images" in html

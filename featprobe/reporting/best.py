@@ -1,7 +1,9 @@
 """The best probe head, looked at closely: its val predictions, per-class precision, recall and
 F1, the confusion matrix and the misclassified val images.
 
-Run records keep metrics, not predictions, so the report refits the best configuration on its
+Run records keep metrics, not predictions. When the run saved its head (``fit --save``) and the
+file is still there, that head predicts the val rows. Otherwise the report refits the best
+configuration on its
 recorded cache, layer, seed and val fraction through featprobe's own fit path
 (:func:`featprobe.probe.fit.run_fit`): the same split, the same head, seconds of work. The
 split's hash and the refit's val accuracy are checked against the record, and the page says
@@ -48,6 +50,22 @@ class BestHead:
     wrong: list[dict] = field(default_factory=list)  # id, true, pred, probability, uri
     missing_images: int = 0
     image_root: str | None = None
+    source: str | None = None  # "refit", or "saved head" (the run's own --save file)
+
+
+def saved_head(record: dict):
+    """The head the run itself saved (``fit --save``), when its file is still there and says it
+    is this run's: no refit needed."""
+    from featprobe.probe.headfile import load_head
+
+    path = record.get("saved_head")
+    if not isinstance(path, str) or not Path(path).is_file():
+        return None
+    try:
+        est, meta = load_head(path)
+    except FeatprobeError:
+        return None
+    return est if meta.get("run_id") == record.get("run_id") else None
 
 
 def best_record(records: list[dict], df: pd.DataFrame) -> tuple[dict, pd.Series] | None:
@@ -140,7 +158,10 @@ def examine(record: dict, label: str, directory: Path, images: str | os.PathLike
         settings = _settings(record)
         split = make_split(cache.ids, cache.labels, val_fraction=settings.val_fraction,
                            seed=settings.seed, valid=cache.valid)
-        _, est = run_fit(cache, settings)
+        est = saved_head(record)
+        out.source = "saved head" if est is not None else "refit"
+        if est is None:
+            _, est = run_fit(cache, settings)
         X_val = cache.features(settings.layer, split.val).astype(np.float32)
     except (FeatprobeError, ValueError) as e:  # ValueError: a head refusing recorded params
         out.problem = f"could not refit the best configuration: {e}"
@@ -171,6 +192,7 @@ def examine(record: dict, label: str, directory: Path, images: str | os.PathLike
                               pred=out.classes[int(pred[i])],
                               probability=None if prob is None else float(prob[i]), uri=uri))
     if out.missing_images:
-        log.warning(f"warning: {out.missing_images} misclassified image(s) not found under "
-                    f"{root} (moved since extraction? pass --images DIR): placeholders shown")
+        where = f"under {root}" if root is not None else "(the cache records no image folder)"
+        log.warning(f"warning: {out.missing_images} misclassified image(s) not found {where} "
+                    "(moved since extraction? pass --images DIR): placeholders shown")
     return out
