@@ -48,8 +48,8 @@ def large(root: Path, rows: int, dim: int, runs: int, head: str) -> Path:
                          {"feat": X}, meta={"source": str(root / "train.csv"),
                                             "backbone": "synthetic"})
     best = fp.fit(cache, head=head, save=root / "best-head.npz")
-    for k in range(runs - 1):
-        C = float(10 ** (-4 + 6 * k / max(1, runs - 2)))
+    for k in range(runs - 1):  # other values of C (never the best run's C = 1)
+        C = float(10 ** (-4 + 6 * (k + 0.5) / (runs - 1)))
         append_run(cache.directory, {**best, "run_id": f"{k:032x}", "params_set": {"C": C},
                                      "params": {**best["params"], "C": C},
                                      "val": {**best["val"], "accuracy": float(
