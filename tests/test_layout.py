@@ -15,7 +15,7 @@ LAYERS = [
     {"featprobe.cache"},
     {"featprobe.runs"},
     {"featprobe.extraction", "featprobe.probe"},
-    {"featprobe.prediction", "featprobe.cnn_baseline", "featprobe.heads"},
+    {"featprobe.prediction", "featprobe.cnn_baseline", "featprobe.heads", "featprobe.reporting"},
     {"featprobe.cli", "featprobe.demo", "featprobe.__main__"},
 ]
 
@@ -56,6 +56,9 @@ BUDGET = {
     "honest comparisons (issue 15): selection on an inner split, --seeds and run keys, intervals "
     "and paired tests, the k-NN head, few-shot curves, l2 normalisation, any sklearn classifier, "
     "predict's training-image warning": 860,
+    "featprobe report (issue 17): one self-contained HTML page (table, charts, curves, the best "
+    "head refitted: per-class metrics, confusion matrix, misclassified thumbnails, provenance) "
+    "and its headless-Chromium renderer (screenshots, console/network checks)": 964,
 }
 
 
