@@ -53,6 +53,8 @@ BUDGET = {
     "their extraction, whole run records, record types, head digests and checks, file "
     "identity, devices, one-class data, resize bounds": 260,
     "cli.py split into cli/ (app, one module of commands per stage) so commands can grow": 50,
+    "timm and open_clip plug-in backbones, token layers, --crop, --preprocess-like, a "
+    "torchvision entry's own file, weights resolved before writing (issues 16, 19.2, 19.5)": 510,
 }
 
 

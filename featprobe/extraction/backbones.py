@@ -142,6 +142,9 @@ def resolve_model(backbone: str, weights=None, layers=None, image_size: int | No
             raise FeatprobeError("--preprocess-like is for torchvision backbones; timm and "
                                  "open_clip models use their own preprocessing config")
         p = plugins.build(backbone, weights)
+        if image_size is not None and plugins.is_token_model(p.lib, p.net):
+            raise FeatprobeError(f"--image-size: {backbone} is a transformer built for its own "
+                                 "input size; --crop and the library's config decide it")
         layers = tuple(plugins.resolve_layers(p.lib, p.net, layers))
         pre = recorded or _sized(with_crop(plugins.transform_facts(p.transform, p.lib), crop),
                                  image_size)

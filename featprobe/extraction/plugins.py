@@ -222,7 +222,7 @@ def _floats(v) -> list[float]:
     return [float(x) for x in (v.tolist() if isinstance(v, torch.Tensor) else v)]
 
 
-def _is_token_model(plugin_lib: str, net: nn.Module) -> bool:
+def is_token_model(plugin_lib: str, net: nn.Module) -> bool:
     if plugin_lib == "timm":
         return hasattr(net, "num_prefix_tokens") and hasattr(net, "forward_intermediates")
     v = getattr(net, "visual", None)
@@ -236,7 +236,7 @@ def _has_cls(lib: str, net: nn.Module) -> bool:
 def layer_names(lib: str, net: nn.Module) -> tuple[list[str], str]:
     """The layers a plug-in model emits, and its default one."""
     names = ["pooled"] if lib == "timm" else ["embed"]
-    if _is_token_model(lib, net):
+    if is_token_model(lib, net):
         names += list(TOKEN_LAYERS) if _has_cls(lib, net) else ["avg", "last4"]
     elif lib == "timm":
         names += [f["module"] for f in getattr(net, "feature_info", [])]
@@ -269,7 +269,7 @@ class PluginExtractor(nn.Module):
     def __init__(self, lib: str, net: nn.Module, layers: list[str]):
         super().__init__()
         self.lib, self.net, self.layers = lib, net, list(layers)
-        self.tokens = _is_token_model(lib, net)
+        self.tokens = is_token_model(lib, net)
         self._stages: dict[str, torch.Tensor] = {}
         for f in getattr(net, "feature_info", []) if lib == "timm" and not self.tokens else []:
             if f["module"] in self.layers:
