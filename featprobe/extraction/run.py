@@ -146,9 +146,9 @@ def _resolve(ds: Dataset, s: ExtractSettings, directory: Path, shard: sharding.S
     model = resolve_model(s.backbone, s.weights, s.layers, s.image_size, s.crop,
                           s.preprocess_like, build=False)
     like = (model.provenance or {}).get("preprocess_like")
-    if like and s.preprocess_like is None:
-        log.info(f"--weights {s.weights}: preprocessing as {s.backbone}'s {like} weights "
-                 "(--preprocess-like chooses another)")
+    if like and s.preprocess_like is None and model.weights.kind == "file":
+        log.info(f"{s.weights} is not a published torchvision file: preprocessing as "
+                 f"{s.backbone}'s {like} weights (--preprocess-like chooses another)")
     dev = resolve_device(sharding.device_for(shard, s.device))
     prec = resolve_precision(s.precision, dev)
     workers = s.workers
