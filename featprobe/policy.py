@@ -10,6 +10,7 @@ from featprobe.errors import FeatprobeError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("auto", "cpu", "gpu")
+CROPS = ("center", "squash", "letterbox")  # --crop; recorded as ``crop``, absent = center
 DTYPES = ("float16", "float32")
 
 # With 8+ PIL workers the CPU path feeds a GPU better than nvjpeg, which shares the stream with

@@ -19,6 +19,8 @@ log = logging.getLogger("featprobe")
 
 
 def _weights_arg(meta: dict) -> str:
+    if meta.get("weights") != "file" and Path(meta.get("weights_file") or "").is_file():
+        return meta["weights_file"]  # a torchvision entry's own file, as extract was given it
     if meta.get("weights") == "file":
         path = meta.get("weights_file") or ""
         if not Path(path).is_file():
@@ -39,9 +41,9 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
     accuracy when the CSV has labels, else None. Images the head was trained on are marked in an
     ``in_training`` column, with a warning, and left out of the accuracy: it scores only images
     the head has not seen (None when there are none)."""
-    from featprobe.extraction.backbones import FeatureModel, resolve_layers
+    from featprobe.extraction.backbones import resolve_model
     from featprobe.extraction.stream import feature_batches
-    from featprobe.extraction.weights import resolve_weights, weights_sha256
+    from featprobe.extraction.weights import weights_sha256
     from featprobe.policy import default_batch_size, resolve_device
     from featprobe.probe.headfile import load_head
 
@@ -52,8 +54,10 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
     _check_head(est, meta, head_file)
     ds = _dataset(data, images, image_col, label_col, allow_outside_images)
     backbone, layer, classes = meta["backbone"], meta["layer"], meta["classes"]
-    resolve_layers(backbone, [layer])  # a backbone or layer this torchvision lacks: one line
-    choice = resolve_weights(backbone, _weights_arg(meta))
+    # the recorded preprocessing (crop mode included) is reproduced, not worked out again
+    model = resolve_model(backbone, _weights_arg(meta), [layer], recorded=meta["preprocessing"],
+                          build=False)
+    choice = model.weights
     if choice.identity != meta.get("weights_id", choice.identity):
         raise FeatprobeError(f"weights mismatch: the head was fitted on {meta['weights_id']} "
                              f"features, but {choice.identity} resolves here")
@@ -69,7 +73,6 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
     bs = batch_size or default_batch_size(dev)
     batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
     feats, reasons = None, [""] * len(ds)
-    model = FeatureModel(backbone, choice, (layer,), meta["preprocessing"])
     for rows, f, why in feature_batches(model, ds, dev, prec, batches, workers, progress,
                                         desc=f"predict {backbone}"):
         x = f[layer]

@@ -261,3 +261,31 @@ def test_usage_errors_are_one_line_from_the_console_script():
         assert p.stderr.splitlines() == ["error: " + text], p.stderr
     p = subprocess.run(run, capture_output=True, text=True)
     assert "Commands:" in p.stdout + p.stderr  # no subcommand: click's help, as before
+
+
+def test_failed_weights_download_keeps_stdout_clean_and_writes_nothing(csv_dir, tmp_path,
+                                                                      monkeypatch):
+    """Issue 19 item 5: torch.hub's `Downloading: "https://..."` goes to stderr (stdout holds
+    only the cache path), and a download that fails leaves no cache, no .partial folder and
+    nothing for `featprobe list`. Offline simulated: an empty TORCH_HOME, a download that fails."""
+    import urllib.error
+
+    import torch
+
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("simulated: no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cache_dir = tmp_path / "c"
+    data = _write(csv_dir, HEADER + "\n" + "".join(f"img{i:03d}.png,{i % 2}\n" for i in range(4)))
+    r = CliRunner().invoke(main, ["extract", data, "--backbone", "resnet18",
+                                  "--weights", "IMAGENET1K_V1", "--cache-dir", str(cache_dir)])
+    assert r.exit_code == 2 and r.stdout == "" and "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith('Downloading: "https://download.pytorch.org/models/resnet18-')
+    assert lines[-1].startswith("error: weights ResNet18_Weights.IMAGENET1K_V1 are not on this "
+                                "machine"), lines
+    _no_cache(cache_dir)
+    listed = CliRunner().invoke(main, ["list", str(cache_dir)])
+    assert listed.stdout == "" and "no caches" in listed.stderr

@@ -59,6 +59,8 @@ BUDGET = {
     "featprobe report (issue 17): one self-contained HTML page (table, charts, curves, the best "
     "head refitted: per-class metrics, confusion matrix, misclassified thumbnails, provenance) "
     "and its headless-Chromium renderer (screenshots, console/network checks)": 964,
+    "timm and open_clip plug-in backbones, token layers, --crop, --preprocess-like, a "
+    "torchvision entry's own file, weights resolved before writing (issues 16, 19.2, 19.5)": 511,
 }
 
 

@@ -102,3 +102,45 @@ def test_pretrained_features_equal_torchvision_and_classify(photos, hub, tmp_pat
     with torch.inference_mode():
         logits16 = model.classifier(torch.from_numpy(c16.features().astype(np.float32)))
     assert int((logits16.argmax(1).numpy() == truth).sum()) == ours
+
+
+def test_torchvisions_own_file_is_its_weights_entry(photos, hub, tmp_path):
+    """Issue 19 item 2: mobilenet_v2-b0353104.pth passed as --weights PATH is IMAGENET1K_V1 (its
+    SHA-256 matches the entry's published prefix): the same transform (resize 256, not the
+    DEFAULT V2's 232), the same identity, the same cache name, the same features."""
+    csv, folder, _ = photos
+    kw = dict(images=folder, backbone="mobilenet_v2", dtype="float32", batch_size=10, workers=0,
+              progress=False)
+    by_name = extract(csv, weights="IMAGENET1K_V1", cache_dir=tmp_path / "a", **kw)
+    by_path = extract(csv, weights=CKPT, cache_dir=tmp_path / "b", **kw)
+    assert by_path.path.name == by_name.path.name
+    assert by_path.meta["weights_id"] == by_name.meta["weights_id"] == \
+        "MobileNet_V2_Weights.IMAGENET1K_V1"
+    assert by_path.meta["preprocessing"] == by_name.meta["preprocessing"]
+    assert by_path.meta["preprocessing"]["resize_size"] == [256]
+    assert by_path.meta["weights_file"] == str(CKPT.resolve())
+    assert by_path.meta["weights_sha256"] == by_name.meta["weights_sha256"]
+    np.testing.assert_array_equal(by_path.features("avgpool"), by_name.features("avgpool"))
+
+    # the random-init control: DEFAULT's transform (V2, resize 232) unless told which entry it
+    # stands in for; either way recorded
+    control = extract(csv, weights="none", cache_dir=tmp_path / "a", **kw)
+    assert control.meta["preprocessing"]["resize_size"] == [232]
+    assert control.meta["preprocess_like"] == "IMAGENET1K_V2"
+    like_v1 = extract(csv, weights="none", preprocess_like="IMAGENET1K_V1",
+                      cache_dir=tmp_path / "a", **kw)
+    assert like_v1.meta["preprocessing"] == by_name.meta["preprocessing"]
+    assert like_v1.meta["preprocess_like"] == "IMAGENET1K_V1"
+    # another file: a plain file identity, the transform an explicit recorded choice
+    state = torch.load(CKPT, weights_only=True)
+    state["classifier.1.bias"] += 1
+    torch.save(state, tmp_path / "tuned.pth")
+    tuned = extract(csv, weights=tmp_path / "tuned.pth", preprocess_like="IMAGENET1K_V1",
+                    cache_dir=tmp_path / "a", **kw)
+    assert tuned.meta["weights"] == "file" and tuned.meta["weights_id"].startswith("sha256:")
+    assert tuned.meta["preprocessing"] == by_name.meta["preprocessing"]
+    np.testing.assert_array_equal(tuned.features("avgpool"), by_name.features("avgpool"))
+    r = CliRunner().invoke(main, ["extract", str(csv), "--images", str(folder), "--backbone",
+                                  "mobilenet_v2", "--preprocess-like", "IMAGENET1K_V1",
+                                  "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--preprocess-like is for --weights none or a file" in r.stderr

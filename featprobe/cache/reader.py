@@ -47,7 +47,8 @@ class FeatureCache:
             self._check_rows()
         except FeatprobeError:
             raise
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+            # AttributeError: a damaged link that names a Datatype where a Dataset should be
             raise FeatprobeError(f"{self.path} is not a readable featprobe cache: {e}") from None
 
     def _check(self, attrs: dict) -> None:

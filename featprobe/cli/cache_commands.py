@@ -20,9 +20,17 @@ from featprobe.cli.app import (
 @click.argument("data", type=click.Path())
 @_data_options
 @click.option("--backbone", default="vgg16", show_default=True,
-              help="Registered backbone or any torchvision classification model name.")
-@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, a torchvision "
-              "weights name (IMAGENET1K_V1...), none, or a state-dict path.")
+              help="A torchvision model name, timm:<model> or open_clip:<architecture> "
+              "(see `featprobe backbones`).")
+@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, a weights name "
+              "(torchvision IMAGENET1K_V1..., a timm or open_clip pretrained tag), none, or a "
+              "safetensors/state-dict path.")
+@click.option("--crop", type=click.Choice(["center", "squash", "letterbox"]), default="center",
+              show_default=True, help="center: the weights' own resize and centre crop; squash: "
+              "the whole image resized to the input size; letterbox: fitted inside and padded.")
+@click.option("--preprocess-like", metavar="WEIGHTS", help="With --weights none or a file that "
+              "is not a published torchvision file: use this weights entry's transform "
+              "(default: DEFAULT's).")
 @click.option("--layers", help="Comma-separated layers, e.g. pool5,fc7 (default: the backbone's).")
 @_cache_dir_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -48,9 +56,9 @@ from featprobe.cli.app import (
               "last shard to finish merges (or run `featprobe merge`). Not with torchrun, "
               "whose ranks shard by themselves.")
 @_quiet_option
-def extract(data, images, image_col, label_col, allow_outside_images, backbone, weights, layers,
-            cache_dir, device, batch_size, workers, on_error, dtype, precision, decode, image_size,
-            shard, quiet):
+def extract(data, images, image_col, label_col, allow_outside_images, backbone, weights, crop,
+            preprocess_like, layers, cache_dir, device, batch_size, workers, on_error, dtype,
+            precision, decode, image_size, shard, quiet):
     """Run a frozen backbone over every image of DATA once and cache the features.
 
     DATA is a CSV of image names and labels (the tutorial format: image_names,emergency_or_no)
@@ -70,7 +78,8 @@ def extract(data, images, image_col, label_col, allow_outside_images, backbone, 
                 cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers,
                 on_error=on_error, dtype=dtype, precision=precision, image_size=image_size,
                 image_col=image_col, label_col=label_col, progress=_progress(quiet), shard=shard,
-                decode=decode, allow_outside_images=allow_outside_images)
+                decode=decode, allow_outside_images=allow_outside_images, crop=crop,
+                preprocess_like=preprocess_like)
     if cache is None or os.environ.get("RANK", "0") != "0":
         return  # a shard whose siblings are still running, or a torchrun rank other than 0
     if cache.bad:
@@ -152,15 +161,24 @@ def list_(cache_dir):
 
 
 @main.command()
-def backbones():
-    """List registered backbones and their layers (any torchvision model name works too)."""
-    from featprobe.extraction.backbones import classification_models, describe
+@click.argument("name", required=False)
+def backbones(name):
+    """List registered backbones and their layers (any torchvision model name works too), or
+    one backbone's layers and dims: `featprobe backbones timm:vit_small_patch16_224`."""
+    from featprobe.extraction.backbones import PLUGINS, classification_models, describe
 
-    for b in describe():
+    for b in describe(name):
         layers = ", ".join(f"{k} ({v})" for k, v in b["layers"].items())
         click.echo(f"{b['name']:14} {layers}   default: {','.join(b['default_layers'])}")
-    click.echo("also, with layer 'penultimate' (input of the final Linear) or a module path: "
-               + ", ".join(m for m in classification_models()), err=False)
+        if "preprocessing" in b:
+            click.echo(f"{'':14} preprocessing ({b['library']} {b['library_version']}): "
+                       f"{json.dumps(b['preprocessing'])}")
+    if name is None:
+        click.echo("also, with layer 'penultimate' (input of the final Linear) or a module path: "
+                   + ", ".join(m for m in classification_models()))
+        click.echo("plug-ins (optional extras featprobe[timm], featprobe[clip]):")
+        for text in PLUGINS.values():
+            click.echo(f"  {text}")
 
 
 @main.group()

@@ -3,21 +3,25 @@
 Registered backbones state their layers (name → module path and dimension). Any other
 torchvision classification model works by name too, its default layer ``penultimate`` (the input
 of its last ``nn.Linear``). A layer may also be a module path (``features.28``), flattened.
+Plug-ins (:mod:`featprobe.extraction.plugins`) answer ``timm:<model>`` and ``open_clip:<arch>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import sys
 import urllib.error
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torchvision
 from torch import nn
 
 from featprobe.errors import FeatprobeError
-from featprobe.extraction.pixels import IMAGENET_MEAN, IMAGENET_STD
+from featprobe.extraction import plugins
+from featprobe.extraction.pixels import IMAGENET_MEAN, IMAGENET_STD, with_crop
 from featprobe.extraction.weights import (
     WeightsChoice,
     checkpoint_path,
@@ -69,7 +73,15 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+PLUGINS = {"timm": "timm:<model name>, e.g. timm:vit_small_patch14_dinov2.lvd142m (any "
+                   "timm.list_models() name; a .tag picks its weights)",
+           "open_clip": "open_clip:<architecture>, e.g. open_clip:ViT-B-32 with --weights "
+                        "laion2b_s34b_b79k (open_clip.list_pretrained())"}
+
+
 def _check_name(name: str) -> None:
+    if plugins.split_name(name) is not None:
+        return
     if name not in BACKBONES and name not in classification_models():
         raise FeatprobeError(f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)} or "
                              "any torchvision classification model name (see `featprobe "
@@ -111,24 +123,86 @@ class FeatureModel:
     weights: WeightsChoice
     layers: tuple[str, ...]
     preprocessing: dict
+    net: nn.Module | None = None  # built by resolve_model: a missing download fails before writing
+    provenance: dict | None = None  # library, its version, model name, preprocess_like
 
 
-def resolve_model(backbone: str, weights=None, layers=None,
-                  image_size: int | None = None) -> FeatureModel:
-    """Check the backbone name, the layers and the weights; work out the preprocessing."""
+def resolve_model(backbone: str, weights=None, layers=None, image_size: int | None = None,
+                  crop: str = "center", like: str | None = None,
+                  recorded: dict | None = None, build: bool = True) -> FeatureModel:
+    """Check the backbone name, the layers and the weights; work out the preprocessing (or take
+    the ``recorded`` one, as predict does); with ``build``, build the model, weights loaded or
+    downloaded (:func:`with_network` later otherwise; plug-ins are always built)."""
+    try:
+        pre = None if recorded is not None else with_crop({}, crop)
+    except ValueError as e:
+        raise FeatprobeError(str(e)) from None
+    if plugins.split_name(backbone) is not None:
+        if like is not None:
+            raise FeatprobeError("--preprocess-like is for torchvision backbones; timm and "
+                                 "open_clip models use their own preprocessing config")
+        p = plugins.build(backbone, weights)
+        if image_size is not None and plugins.is_token_model(p.lib, p.net):
+            raise FeatprobeError(f"--image-size: {backbone} is a transformer built for its own "
+                                 "input size; --crop and the library's config decide it")
+        layers = tuple(plugins.resolve_layers(p.lib, p.net, layers))
+        pre = recorded or _sized(with_crop(plugins.transform_facts(p.transform, p.lib), crop),
+                                 image_size)
+        return FeatureModel(backbone, p.weights, layers, pre, p.net,
+                            {**p.provenance, "weights_sha256": plugins.hub_sha256(p.weights,
+                                                                                   p.net)})
     layers = tuple(resolve_layers(backbone, layers))
     choice = resolve_weights(backbone, weights)
-    return FeatureModel(backbone, choice, layers, preprocessing(backbone, choice, image_size))
+    enum = _preprocess_enum(backbone, choice, like)
+    pre = recorded or with_crop(preprocessing(backbone, choice, image_size, enum), crop)
+    facts = {"library": "torchvision", "library_version": torchvision.__version__,
+             "model_name": backbone,
+             "preprocess_like": enum.name if enum is not choice.enum and enum else ""}
+    return FeatureModel(backbone, choice, layers, pre,
+                        build_model(backbone, choice) if build else None, facts)
 
 
-def preprocessing(backbone: str, choice: WeightsChoice, image_size: int | None = None) -> dict:
+def with_network(model: FeatureModel) -> FeatureModel:
+    """``model`` with its network built: where the weights fail, before anything is written."""
+    if model.net is not None:
+        return model
+    return replace(model, net=build_model(model.backbone, model.weights))
+
+
+def _preprocess_enum(backbone: str, choice: WeightsChoice, like: str | None):
+    """The weights entry whose transform the features use: the weights' own; for ``none`` and
+    other files ``--preprocess-like`` or else DEFAULT (the entry the control stands in for)."""
+    enum_cls = weights_enum(backbone)
+    if like is None:
+        return choice.enum or (enum_cls.DEFAULT if enum_cls is not None else None)
+    if choice.enum is not None:
+        raise FeatprobeError(f"--preprocess-like is for --weights none or a file; {choice.name} "
+                             "has its own transform")
+    if enum_cls is None or (like != "DEFAULT" and like not in enum_cls.__members__):
+        names = ", ".join(enum_cls.__members__) if enum_cls else "(none published)"
+        raise FeatprobeError(f"--preprocess-like {like!r}: {backbone} weights are {names}")
+    return enum_cls[like]
+
+
+def _sized(pre: dict, image_size: int | None) -> dict:
+    """``image_size`` overrides the crop (the resize keeps its ratio to the crop)."""
+    if image_size is None:
+        return pre
+    if image_size < 16:
+        raise FeatprobeError(f"--image-size must be at least 16, got {image_size}")
+    crop, resize = pre["crop_size"][0], (pre["resize_size"] or pre["crop_size"])[0]
+    return {**pre, "crop_size": [image_size],
+            "resize_size": [round(image_size * resize / crop)]}
+
+
+def preprocessing(backbone: str, choice: WeightsChoice, image_size: int | None = None,
+                  enum=None) -> dict:
     """The preprocessing, as JSON-able facts: from the weights' own ``transforms()``.
 
-    Random-init and local-file weights use the DEFAULT weights' transforms (they see what the
-    pretrained model sees), or ImageNet 256/224 when there are none. ``image_size`` overrides
-    the crop (the resize keeps its ratio to the crop).
+    Random-init and local-file weights use ``enum``'s transforms, by default the DEFAULT
+    weights' (they see what the pretrained model sees), or ImageNet 256/224 when there are none.
     """
-    enum = choice.enum
+    enum = enum or choice.enum
     if enum is None:
         enum_cls = weights_enum(backbone)
         enum = enum_cls.DEFAULT if enum_cls is not None else None
@@ -140,13 +214,7 @@ def preprocessing(backbone: str, choice: WeightsChoice, image_size: int | None =
     else:
         pre = {"resize_size": [256], "crop_size": [224], "mean": list(IMAGENET_MEAN),
                "std": list(IMAGENET_STD), "interpolation": "bilinear", "antialias": True}
-    if image_size is not None:
-        if image_size < 16:
-            raise FeatprobeError(f"--image-size must be at least 16, got {image_size}")
-        crop, resize = pre["crop_size"][0], (pre["resize_size"] or pre["crop_size"])[0]
-        pre["crop_size"] = [image_size]
-        pre["resize_size"] = [round(image_size * resize / crop)]
-    return pre
+    return _sized(pre, image_size)
 
 
 def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
@@ -156,10 +224,14 @@ def build_model(backbone: str, choice: WeightsChoice) -> nn.Module:
     skipping a costly random initialisation that would only be overwritten. Where the state
     dict leaves something on meta (a non-persistent buffer), the ordinary build runs.
     """
-    if choice.kind == "torchvision":
+    if choice.kind == "torchvision" and choice.path:  # torchvision's own file, found elsewhere
+        state = load_state_dict(choice.path)
+        model = _weights_on_meta(backbone, choice.enum, lambda: state) or \
+            torchvision.models.get_model(backbone, weights=choice.enum)
+    elif choice.kind == "torchvision":
         path = checkpoint_path(choice.enum)
-        try:
-            with safe_unpickling():  # torchvision's loader asks torch.load for weights_only=False
+        try:  # torch.hub prints "Downloading: ..." on stdout, which is for results
+            with safe_unpickling(), contextlib.redirect_stdout(sys.stderr):
                 model = _weights_on_meta(backbone, choice.enum, lambda: choice.enum.get_state_dict(
                     progress=True, check_hash=True))
                 if model is None:
@@ -277,8 +349,28 @@ class FeatureExtractor(nn.Module):
         return {name: self._out[name] for name in self.sources}
 
 
-def describe() -> list[dict]:
+def feature_extractor(model: FeatureModel) -> nn.Module:
+    """The module that maps a normalised batch to ``{layer: [B, D]}`` for ``model``."""
+    net = model.net if model.net is not None else build_model(model.backbone, model.weights)
+    name = plugins.split_name(model.backbone)
+    if name is not None:
+        return plugins.PluginExtractor(name[0], net, list(model.layers))
+    return FeatureExtractor(net, layer_sources(model.backbone, net, list(model.layers)))
+
+
+def describe(name: str | None = None) -> list[dict]:
     """Registered backbones with their layers, for ``featprobe backbones``."""
+    if name is not None:
+        if plugins.split_name(name) is not None:
+            return [plugins.describe(name)]
+        _check_name(name)
+        spec = BACKBONES.get(name)
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name)
+        layers = resolve_layers(name, None)
+        src = layer_sources(name, model, layers)
+        return [{"name": name, "layers": {k: v.dim for k, v in src.items()},
+                 "default_layers": layers, "description": spec.description if spec else ""}]
     return [{"name": s.name, "layers": {k: v.dim for k, v in s.layers.items()},
              "default_layers": list(s.default_layers), "description": s.description}
             for s in BACKBONES.values()]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ from featprobe.extraction import sharding
 from featprobe.extraction.settings import ExtractJob, ExtractSettings
 from featprobe.faults import crash_point
 from featprobe.files import atomic_write
-from featprobe.policy import DECODES, DTYPES
+from featprobe.policy import CROPS, DECODES, DTYPES
 
 ON_ERROR = ("fail", "skip")
 REQUESTS = ".requests"  # request hash -> cache file name, for the torch-free rerun
@@ -35,9 +36,10 @@ log = logging.getLogger("featprobe")
 
 
 def cache_name(backbone: str, config: dict) -> tuple[str, str]:
-    """Content-addressed: every input that changes the features changes the name."""
+    """Content-addressed: every input that changes the features changes the name (a plug-in's
+    ``timm:`` becomes ``timm-``: no colon in file names)."""
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return f"{backbone}-{key[:16]}", key
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '-', backbone)}-{key[:16]}", key
 
 
 def extract(
@@ -49,7 +51,7 @@ def extract(
     dtype: str = "float16", precision: str = "auto", image_size: int | None = None,
     image_col: str | None = None, label_col: str | None = None, progress: bool = True,
     shard: str | tuple[int, int] | None = None, decode: str = "auto",
-    allow_outside_images: bool = False,
+    allow_outside_images: bool = False, crop: str = "center", preprocess_like: str | None = None,
 ) -> FeatureCache | None:
     """Extract features of ``layers`` for every image of ``data`` into an HDF5 cache.
 
@@ -66,12 +68,17 @@ def extract(
 
     Image names that leave the image folder (``../x.jpg``, an absolute path) are refused unless
     ``allow_outside_images``; two names of one file are refused always.
+
+    ``backbone``: a torchvision name, ``timm:<model>`` or ``open_clip:<architecture>``.
+    ``crop``: ``center`` (the weights' own transform), ``squash`` or ``letterbox``.
+    ``preprocess_like``: for ``weights`` none or a file, the torchvision weights entry whose
+    transform to use (default: DEFAULT's).
     """
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
     settings = ExtractSettings(backbone, weights, tuple(layers) if layers else None, device,
                                batch_size, workers, on_error, dtype, precision, image_size,
-                               decode, progress)
+                               decode, progress, crop, preprocess_like)
     shard = sharding.resolve(shard)
     _check(settings)
     ds = data if isinstance(data, Dataset) else load_dataset(
@@ -82,7 +89,8 @@ def extract(
 
 def _check(s: ExtractSettings) -> None:
     for option, value, allowed in (("--on-error", s.on_error, ON_ERROR),
-                                   ("--dtype", s.dtype, DTYPES), ("--decode", s.decode, DECODES)):
+                                   ("--dtype", s.dtype, DTYPES), ("--decode", s.decode, DECODES),
+                                   ("--crop", s.crop, CROPS)):
         if value not in allowed:
             raise FeatprobeError(f"{option} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
                                  f"got {value!r}")
@@ -107,6 +115,8 @@ def run_extract(ds: Dataset, s: ExtractSettings, directory: Path,
         shutil.rmtree(job.partial.dir, ignore_errors=True)
         _remember(directory, request, final)
         return _reuse(final, s.on_error)
+    from featprobe.extraction.backbones import with_network
+    job = replace(job, model=with_network(job.model))  # weights missing: fail before writing
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -133,7 +143,12 @@ def _resolve(ds: Dataset, s: ExtractSettings, directory: Path, shard: sharding.S
     from featprobe.extraction.backbones import resolve_model
     from featprobe.policy import default_workers, resolve_decode, resolve_device, resolve_precision
 
-    model = resolve_model(s.backbone, s.weights, s.layers, s.image_size)
+    model = resolve_model(s.backbone, s.weights, s.layers, s.image_size, s.crop,
+                          s.preprocess_like, build=False)
+    like = (model.provenance or {}).get("preprocess_like")
+    if like and s.preprocess_like is None and model.weights.kind == "file":
+        log.info(f"{s.weights} is not a published torchvision file: preprocessing as "
+                 f"{s.backbone}'s {like} weights (--preprocess-like chooses another)")
     dev = resolve_device(sharding.device_for(shard, s.device))
     prec = resolve_precision(s.precision, dev)
     workers = s.workers
@@ -144,8 +159,10 @@ def _resolve(ds: Dataset, s: ExtractSettings, directory: Path, shard: sharding.S
               "preprocessing": model.preprocessing, "dtype": s.dtype, "precision": prec,
               "dataset_fingerprint": fingerprint}
     name, key = cache_name(s.backbone, config)
-    return ExtractJob(ds, model, dev, prec, s.dtype, s.on_error,
-                      resolve_decode(s.decode, dev, workers), workers, s.batch_size, s.progress,
+    # the GPU decoder centre-crops only
+    decode = resolve_decode(s.decode, dev, workers) if s.crop == "center" else "cpu"
+    return ExtractJob(ds, model, dev, prec, s.dtype, s.on_error, decode, workers, s.batch_size,
+                      s.progress,
                       shard, PartialCache(directory / (name + ".h5")), config, key)
 
 
@@ -186,6 +203,8 @@ def _write_parts(job: ExtractJob, incremental: bool = False):
     from featprobe.policy import default_batch_size
 
     partial, shard, choice, ds = job.partial, job.shard, job.model.weights, job.ds
+    facts = dict(job.model.provenance or {})  # library, version, model name, preprocess_like
+    hub_sha = facts.pop("weights_sha256", None)
     part_rows = partial.manifest(job.config, job.batch_size or default_batch_size(job.device),
                                  len(ds))["part_rows"]
     if job.batch_size and job.batch_size != part_rows:
@@ -202,8 +221,8 @@ def _write_parts(job: ExtractJob, incremental: bool = False):
     attrs = {
         **{k: v for k, v in job.config.items() if k != "weights"},
         "weights": choice.name if choice.kind != "file" else "file", "weights_id": choice.identity,
-        "weights_file": choice.name if choice.kind == "file" else "",
-        "weights_sha256": weights_sha256(choice) or "", "cache_key": job.key,
+        "weights_file": choice.name if choice.kind == "file" else choice.path,
+        "weights_sha256": weights_sha256(choice) or hub_sha or "", "cache_key": job.key, **facts,
         "featprobe_version": __version__, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
@@ -244,6 +263,8 @@ def _request_key(s: ExtractSettings, fingerprint: str) -> str:
     facts = [FORMAT_VERSION, __version__, tv, s.backbone, w, layers, s.image_size, s.dtype,
              s.precision, s.device, _gpu_visible() if "auto" in (s.device, s.precision) else None,
              fingerprint]
+    if s.crop != "center" or s.preprocess_like is not None:  # center keeps earlier requests' keys
+        facts += [s.crop, s.preprocess_like]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:32]
 
 

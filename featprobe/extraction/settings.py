@@ -30,6 +30,8 @@ class ExtractSettings:
     image_size: int | None = None
     decode: str = "auto"
     progress: bool = True
+    crop: str = "center"
+    preprocess_like: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -60,8 +60,7 @@ def feature_batches(model: backbones.FeatureModel, ds, dev, prec: str, batches, 
     decoded and run (one batch in flight).
     """
     backbone, layers, pre = model.backbone, list(model.layers), model.preprocessing
-    net = backbones.build_model(backbone, model.weights)
-    extractor = backbones.FeatureExtractor(net, backbones.layer_sources(backbone, net, layers))
+    extractor = backbones.feature_extractor(model)
     # channels-last is faster for convolutions on GPUs and on CPUs alike (oneDNN)
     extractor = extractor.to(dev, memory_format=torch.channels_last)
     n_workers = default_workers(dev) if workers is None else workers

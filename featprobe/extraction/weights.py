@@ -31,10 +31,11 @@ class WeightsChoice:
     """What ``--weights`` resolved to, known without building the model. ``identity`` enters
     the cache key: the enum name (its file name carries a hash prefix) or a file's SHA-256."""
 
-    kind: str  # "torchvision" | "none" | "file"
+    kind: str  # "torchvision" | "none" | "file" | a plug-in's pretrained tag: "timm", "open_clip"
     name: str  # e.g. IMAGENET1K_V1, none, or the file path
     identity: str
     enum: object = field(default=None, compare=False, repr=False)
+    path: str = ""  # a local file of a torchvision entry: loaded instead of the hub's copy
 
 
 def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> WeightsChoice:
@@ -48,7 +49,13 @@ def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> Weights
         return WeightsChoice("torchvision", w.name, f"{enum_cls.__name__}.{w.name}", w)
     p = Path(arg).expanduser()
     if p.is_file():
-        return WeightsChoice("file", str(p.resolve()), "sha256:" + sha256_file(p))
+        digest = sha256_file(p)
+        for w in enum_cls or ():  # torchvision's own file is its entry (transform and identity)
+            m = _HASHED.search(checkpoint_path(w).name)
+            if m and digest.startswith(m.group(1)):
+                return WeightsChoice("torchvision", w.name, f"{enum_cls.__name__}.{w.name}", w,
+                                     str(p.resolve()))
+        return WeightsChoice("file", str(p.resolve()), "sha256:" + digest)
     names = (", ".join(["DEFAULT", *(m for m in enum_cls.__members__ if m != "DEFAULT")])
              if enum_cls else "(none published)")
     if any(sep in arg for sep in ("/", os.sep)) or arg.endswith((".pth", ".pt", ".bin")):
@@ -82,6 +89,8 @@ def weights_sha256(choice: WeightsChoice) -> str | None:
     """SHA-256 of the file behind the weights (None for random init or a missing file)."""
     if choice.kind == "file":
         return choice.identity.removeprefix("sha256:")
+    if choice.path:
+        return sha256_file(choice.path)
     if choice.kind == "torchvision":
         path = checkpoint_path(choice.enum)
         return sha256_file(path) if path.is_file() else None
