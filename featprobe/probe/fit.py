@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
+from featprobe.files import output_path
 from featprobe.probe import outofcore
 from featprobe.probe.headfile import save_head
 from featprobe.probe.registry import HEADS, head_params, make_head, spec_of, split_pipeline
@@ -67,11 +68,15 @@ def fit(cache: FeatureCache | str | os.PathLike, head: str = "logreg", layer: st
     """
     settings = FitSettings(head, layer, seed, val_fraction, standardize, sweep, max_memory, params)
     c = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-    rec, est = run_fit(c, settings, progress)
     if save is not None:
-        rec["saved_head"] = str(save_fitted(save, est, c, rec["layer"], rec))
-    if record:
-        append_run(runs_dir if runs_dir is not None else c.directory, rec)
+        output_path(save)  # its folder, before the fit
+    rec, est = run_fit(c, settings, progress)
+    try:
+        if save is not None:
+            rec["saved_head"] = str(save_fitted(save, est, c, rec["layer"], rec))
+    finally:  # a head that could not be written does not cost the run its record
+        if record:
+            append_run(runs_dir if runs_dir is not None else c.directory, rec)
     return rec
 
 
@@ -95,7 +100,7 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
                              f"not {s.head!r}")
 
     y_train, y_val = c.labels[split.train], c.labels[split.val]
-    requested, sweep_info, ooc = est, None, None
+    requested, sweep_info, ooc, degenerate = est, None, None, None
     n_heads = len(grid_points(spec.grid)) if s.sweep else 1
     need = outofcore.in_memory_bytes(est, len(split.train) + len(split.val), c.shapes[layer][1],
                                      c.dtypes[layer].itemsize, len(c.classes), n_heads)
@@ -114,6 +119,11 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         X = read_rows(c.path, layer, np.concatenate([split.train, split.val]))
         _require_finite(X, c, layer)
         X_train, X_val = X[: len(split.train)], X[len(split.train):]
+        degenerate = degenerate_features(X_train)
+        if degenerate:
+            log.warning(f"warning: {c.path.name} {layer}: {degenerate} over the training rows, "
+                        "so every head can only score the majority rate; float16 storage "
+                        "rounds tiny features to 0: re-extract with --dtype float32")
         t0 = time.perf_counter()
         if s.sweep:
             est, sweep_info = _sweep(est, spec, X_train, y_train, X_val, y_val)
@@ -140,8 +150,22 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         train=compute_metrics(y_train, train_pred, labels),
         val=compute_metrics(y_val, val_pred, labels), fit_seconds=round(fit_seconds, 4),
         sweep=sweep_info, out_of_core=ooc, majority_rate=majority_rate(y_train, y_val),
+        degenerate=degenerate,
     )
     return rec, est
+
+
+def degenerate_features(X: np.ndarray) -> str | None:
+    """What makes ``X`` useless to any head, or None: every value 0, or every column constant
+    (non-finite values are refused before this)."""
+    if X.size == 0:
+        return None
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    if not hi.any() and not lo.any():
+        return "every feature value is 0"
+    if (lo == hi).all():
+        return f"all {X.shape[1]} features are constant"
+    return None
 
 
 def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:
