@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,8 +171,11 @@ def test_doc_runs_as_written(doc: Path, doc_env, tmp_path):
     env = {**doc_env["env"], "DOC_DATA": str(doc_env["data"])}
     for block in blocks:
         text = subs.apply(_name(doc), block.text)
+        t0 = time.perf_counter()
         if block.lang == "python":
             _run_python(block, subs.preamble(_name(doc)) + text, tmp_path, env,
                         doc_env["sock"])
         else:
             _run_bash(block, text, tmp_path, env)
+        if os.environ.get("DOCS_TIMING"):
+            print(f"{block.doc}:{block.line} {time.perf_counter() - t0:.1f}s", file=sys.stderr)
