@@ -121,9 +121,10 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         X_train, X_val = X[: len(split.train)], X[len(split.train):]
         degenerate = degenerate_features(X_train)
         if degenerate:
+            hint = ("float16 storage rounds tiny features to 0: re-extract with --dtype float32"
+                    if c.dtypes[layer] == np.float16 else "check the weights and the layer")
             log.warning(f"warning: {c.path.name} {layer}: {degenerate} over the training rows, "
-                        "so every head can only score the majority rate; float16 storage "
-                        "rounds tiny features to 0: re-extract with --dtype float32")
+                        f"so every head can only score the majority rate; {hint}")
         t0 = time.perf_counter()
         if s.sweep:
             est, sweep_info = _sweep(est, spec, X_train, y_train, X_val, y_val)
