@@ -4,7 +4,7 @@ It imports torch and featprobe once, then serves a Unix socket: each client (the
 shim the docs tests put on PATH, or the harness for a Python block) sends its stdin, stdout and
 stderr file descriptors and one JSON job, ``{"argv": [...]}`` (run ``featprobe ARGV``) or
 ``{"python": CODE, "name": "doc.md:LINE"}``, with ``cwd`` and ``env``. A forked child takes the
-descriptors as 0, 1, 2, runs the job and exits; the server answers the exit status. So a
+descriptors as 0, 1, 2, runs the job, answers its exit status and exits (no answer: killed). So a
 documented command runs as written, pipes and ``$(...)`` included, without paying the ~5 s
 torch import each time. Test machinery only.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -52,41 +53,39 @@ def serve(path: str) -> None:
     import featprobe.extraction.stream  # noqa: F401
     import featprobe.probe.fit  # noqa: F401
 
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(8)
     print("ready", flush=True)
-    while True:
+    while True:  # one child per job, several at once (`featprobe ... | featprobe ...` works)
         conn, _ = server.accept()
-        with conn:
-            msg, fds, _, _ = socket.recv_fds(conn, 1 << 22, 3)
-            buf = msg
-            while not buf.endswith(b"\n"):
-                more = conn.recv(1 << 22)
-                if not more:
-                    break
-                buf += more
-            job = json.loads(buf)
-            pid = os.fork()
-            if pid == 0:
-                code = 70
-                try:
-                    server.close()
-                    for i, fd in enumerate(fds):
-                        os.dup2(fd, i)
-                    sys.stdin = open(0, closefd=False)  # noqa: SIM115
-                    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-                    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-                    code = _child(job)
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            for fd in fds:
-                os.close(fd)
-            _, status = os.waitpid(pid, 0)
-            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            conn.sendall(f"{code}\n".encode())
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 22, 3)
+        buf = msg
+        while not buf.endswith(b"\n"):
+            more = conn.recv(1 << 22)
+            if not more:
+                break
+            buf += more
+        if os.fork() == 0:
+            code = 70
+            try:
+                server.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for i, fd in enumerate(fds):
+                    os.dup2(fd, i)
+                sys.stdin = open(0, closefd=False)  # noqa: SIM115
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+                code = _child(json.loads(buf))
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                conn.sendall(f"{code}\n".encode())
+                os._exit(code)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
 
 
 def request(path: str, job: dict, fds=(0, 1, 2)) -> int:
