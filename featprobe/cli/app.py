@@ -64,7 +64,7 @@ class _Stderr(logging.StreamHandler):
     share it; stdout is for results)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
+        self.stream = sys.stderr  # not setStream: it flushes the old one, which may be closed
         super().emit(record)
 
 
