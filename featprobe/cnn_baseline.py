@@ -4,6 +4,7 @@ features are only worth caching if they beat it; its record sits beside the head
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ from featprobe.runs.records import (
     make_record,
 )
 from featprobe.splits import split
+
+log = logging.getLogger("featprobe")
 
 __all__ = ["BASELINE_DEFAULTS", "CHANNELS", "BaselineSettings", "SmallCNN", "architecture",
            "baseline"]
@@ -151,6 +154,19 @@ def _predict(model: nn.Module, pixels: torch.Tensor, rows: np.ndarray, dev: torc
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.int64)
 
 
+def _converged(train_accuracy: float, y_train: np.ndarray, epochs: int) -> bool:
+    """False, with a warning, when the CNN does no better on its own training rows than always
+    answering their majority class: it has not learnt yet, and its val score says nothing."""
+    floor = float(np.bincount(y_train).max() / len(y_train))
+    if train_accuracy > floor:
+        return True
+    log.warning(f"warning: the CNN baseline has not converged: train accuracy "
+                f"{100 * train_accuracy:.1f}% is no better than always answering the majority "
+                f"class ({100 * floor:.1f}%) after {epochs} epoch(s); train longer (--epochs) or "
+                "at a smaller --image-size before comparing its val accuracy")
+    return False
+
+
 def _check_args(image_size, epochs, batch_size, lr) -> None:
     for name, value, low in (("image_size", image_size, 4), ("epochs", epochs, 1),
                              ("batch_size", batch_size, 1)):
@@ -209,6 +225,7 @@ def _train_one(ds, pixels, y, dev, image_size, epochs, batch_size, lr, seed, val
             for part, rows in (("train", s.train), ("val", s.val))}
     metrics = {part: compute_metrics(y_np[rows], pred[part], labels)
                for part, rows in (("train", s.train), ("val", s.val))}
+    converged = _converged(metrics["train"]["accuracy"], y_np[s.train], epochs)
     params = {"image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "optimizer": "adam", "architecture": architecture(n_classes, image_size),
               "device": dev.type}
@@ -220,7 +237,7 @@ def _train_one(ds, pixels, y, dev, image_size, epochs, batch_size, lr, seed, val
         standardize=False, seed=seed, val_fraction=val_fraction, split_hash=s.hash,
         n_train=len(s.train), n_val=len(s.val), n_invalid=0, classes=ds.classes, **metrics,
         fit_seconds=fit_seconds, majority_rate=majority_rate(y_np[s.train], y_np[s.val]),
-        decode_seconds=decode_seconds, epoch_losses=losses,
+        decode_seconds=decode_seconds, epoch_losses=losses, converged=converged,
         val_correct=correct_mask(y_np[s.val], pred["val"]))
     append_run(default_cache_dir() if cache_dir is None else cache_dir, record)
     return record

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import sys
 import time
@@ -47,9 +48,10 @@ def elpv_labels() -> list[tuple[str, float, str]]:
     return rows
 
 
-def prepare_data(out: Path, n: int | None = None, seed: int = 0) -> Path:
-    """ELPV as ``out/data/images/*.png`` + ``out/data/train.csv``; reused when present."""
-    data = out / "data"
+def prepare_data(out: str | os.PathLike = "demo", n: int | None = None, seed: int = 0) -> Path:
+    """ELPV as ``out/data/images/*.png`` + ``out/data/train.csv``; reused when present.
+    ``n``: a stratified subset of that many images (``seed`` picks it), else all 2,624."""
+    data = Path(out) / "data"
     csv_path = data / "train.csv"
     if csv_path.exists():
         return csv_path

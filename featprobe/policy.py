@@ -11,7 +11,16 @@ from featprobe.errors import FeatprobeError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("auto", "cpu", "gpu")
 CROPS = ("center", "squash", "letterbox")  # --crop; recorded as ``crop``, absent = center
-DTYPES = ("float16", "float32")
+DTYPES = ("auto", "float16", "float32")
+
+
+def resolve_dtype(dtype: str, weights_kind: str) -> str:
+    """``auto``: float16 for trained weights (half the disk, within 5e-4 of float32), float32
+    for random init, whose activations shrink below float16's range (random-init MobileNetV2's
+    features all round to 0 in float16)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if weights_kind == "none" else "float16"
 
 # With 8+ PIL workers the CPU path feeds a GPU better than nvjpeg, which shares the stream with
 # the forward pass; below that, decode on the GPU (bench/RESULTS.md).

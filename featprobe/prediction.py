@@ -13,7 +13,7 @@ import pandas as pd
 
 from featprobe.data import Dataset, image_digest, load_dataset, read_image_list
 from featprobe.errors import FeatprobeError
-from featprobe.files import atomic_write
+from featprobe.files import atomic_write, output_path
 
 log = logging.getLogger("featprobe")
 
@@ -53,6 +53,8 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             raise FeatprobeError(f"{head_file} lacks {key!r} in its metadata; refit and --save it")
     _check_head(est, meta, head_file)
     ds = _dataset(data, images, image_col, label_col, allow_outside_images)
+    if out is not None:
+        output_path(out)  # its folder, before the backbone runs
     backbone, layer, classes = meta["backbone"], meta["layer"], meta["classes"]
     # the recorded preprocessing (crop mode included) is reproduced, not worked out again
     model = resolve_model(backbone, _weights_arg(meta), [layer], recorded=meta["preprocessing"],
@@ -110,7 +112,6 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
     if not ok.all():
         df["error"] = reasons
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out, "w", newline="") as f:
             df.to_csv(f, index=False)
     return df, accuracy

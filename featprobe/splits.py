@@ -103,7 +103,7 @@ def split(ids: Sequence, labels: Sequence, val_fraction: float = 0.1, seed: int 
     sorted_ids = id_arr[order]
     dup = np.unique(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]])
     if dup.size:
-        raise FeatprobeError(f"{dup.size} duplicate id(s): {some(map(repr, dup))}")
+        raise FeatprobeError(f"{dup.size} duplicate id(s): {some(repr(str(x)) for x in dup)}")
     rows = order[ok[order]]  # original indices of the valid rows, in id order
     n_invalid = int(n - rows.size)
     if rows.size == 0:

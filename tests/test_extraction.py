@@ -93,8 +93,8 @@ def test_cache_layout_and_values(data, tmp_path):
     assert not list((tmp_path / "c").glob("*.partial"))
 
 
-def test_float16_default_and_rows(data, tmp_path):
-    c16 = extract(data, cache_dir=tmp_path / "c", **FAST)
+def test_float16_and_rows(data, tmp_path):
+    c16 = extract(data, cache_dir=tmp_path / "c", dtype="float16", **FAST)
     c32 = extract(data, cache_dir=tmp_path / "c", dtype="float32", **FAST)
     assert c16.path != c32.path
     assert c16.features().dtype == np.float16
@@ -181,7 +181,7 @@ def test_changed_inputs_give_a_new_cache(data, tmp_path, change):
     elif change == "image_size":
         kw["image_size"] = 48
     elif change == "dtype":
-        kw["dtype"] = "float32"
+        kw["dtype"] = "float16"  # the random-init default is float32
     elif change == "backbone":
         kw["backbone"] = "resnet34"
     second = extract(data, **kw)
@@ -341,14 +341,15 @@ def test_api_is_lazy_and_mirrors_cli(data, tmp_path):
 
 
 def test_float16_underflow_is_reported(data, tmp_path, caplog):
-    """Random-init MobileNetV2 features (~1e-9) vanish in float16: say so, suggest float32."""
+    """Random-init MobileNetV2 features (~1e-9) vanish in float16: say so, suggest float32,
+    which --dtype auto (the default) picks for random init."""
     extract(data, cache_dir=tmp_path / "c", backbone="mobilenet_v2", weights="none",
-            image_size=32, progress=False, workers=0)
-    assert "use --dtype float32" in caplog.text
+            image_size=32, progress=False, workers=0, dtype="float16")
+    assert "with --dtype float32" in caplog.text
     caplog.clear()
     c32 = extract(data, cache_dir=tmp_path / "c", backbone="mobilenet_v2", weights="none",
-                  image_size=32, progress=False, workers=0, dtype="float32")
-    assert "use --dtype float32" not in caplog.text
+                  image_size=32, progress=False, workers=0)
+    assert "--dtype float32" not in caplog.text and c32.meta["dtype"] == "float32"
     assert np.count_nonzero(c32.features()) > 0
 
 

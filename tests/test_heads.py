@@ -430,9 +430,10 @@ def test_save_refusals(three_class, tmp_path):
         save_head(tmp_path / "a.npz", est, {"head": "svm"})
     with pytest.raises(FeatprobeError, match="not a registered head"):
         save_head(tmp_path / "a.npz", StandardScaler().fit(X_tr), {})
-    with pytest.raises(FeatprobeError, match="cannot write"):
-        save_head(tmp_path / "no" / "such" / "dir.npz", est, {})
-    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("")  # a file where the head's folder should be
+    with pytest.raises(FeatprobeError, match="cannot create the folder"):
+        save_head(tmp_path / "file" / "dir.npz", est, {})
+    assert os.listdir(tmp_path) == ["file"]
 
 
 def test_interrupted_save_leaves_old_file_and_no_debris(saved, monkeypatch, three_class):

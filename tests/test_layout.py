@@ -55,12 +55,15 @@ BUDGET = {
     "cli.py split into cli/ (app, one module of commands per stage) so commands can grow": 50,
     "honest comparisons (issue 15): selection on an inner split, --seeds and run keys, intervals "
     "and paired tests, the k-NN head, few-shot curves, l2 normalisation, any sklearn classifier, "
-    "predict's training-image warning": 860,
+    "predict's training-image warning": 868,
     "featprobe report (issue 17): one self-contained HTML page (table, charts, curves, the best "
     "head refitted: per-class metrics, confusion matrix, misclassified thumbnails, provenance) "
     "and its headless-Chromium renderer (screenshots, console/network checks)": 964,
     "timm and open_clip plug-in backbones, token layers, --crop, --preprocess-like, a "
     "torchvision entry's own file, weights resolved before writing (issues 16, 19.2, 19.5)": 511,
+    "a newcomer's first hour (issue 19): --dtype auto, degenerate features flagged by fit and "
+    "compare, output folders made before the work, predict keeps predictions.csv, shard and "
+    "out-of-core bars, the CNN's convergence warning, prepare_data(str)": 108,
 }
 
 

@@ -41,8 +41,9 @@ from featprobe.cli.app import (
               "where the main process decodes each batch on all cores, then runs it].")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="Unreadable image: stop naming it, or record it in /bad and go on.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
-              show_default=True, help="Storage type of the features.")
+@click.option("--dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto",
+              show_default=True, help="Storage type of the features (auto: float16, or "
+              "float32 for --weights none, whose small values float16 would round to 0).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Compute precision (auto: fp16 on CUDA, fp32 on CPU; "
               "measured in bench/RESULTS.md).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -186,8 +187,8 @@ def compare(cache_dir, fmt, plot_path):
 @click.argument("head_file", type=click.Path())
 @click.argument("data", type=click.Path())
 @_data_options
-@click.option("--out", type=click.Path(dir_okay=False), default="predictions.csv",
-              show_default=True, help="Where to write image_names,label,probability.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write image_names,"
+              "label,probability [default: predictions.csv, never replaced unasked].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--workers", type=click.IntRange(0))
@@ -202,6 +203,11 @@ def predict(head_file, data, images, image_col, label_col, allow_outside_images,
     """
     from featprobe.prediction import predict as run
 
+    if out is None:
+        out = "predictions.csv"
+        if os.path.lexists(out):
+            raise FeatprobeError(f"{out} exists (an earlier predict?): pass --out FILE to write "
+                                 f"elsewhere, or --out {out} to replace it")
     df, acc = run(head_file, data, images=images, image_col=image_col, label_col=label_col,
                   out=out, device=device, batch_size=batch_size, workers=workers,
                   progress=_progress(quiet), allow_outside_images=allow_outside_images)

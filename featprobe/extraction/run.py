@@ -48,7 +48,7 @@ def extract(
     layers: list[str] | tuple[str, ...] | str | None = None,
     cache_dir: str | os.PathLike | None = None, device: str = "auto",
     batch_size: int | None = None, workers: int | None = None, on_error: str = "fail",
-    dtype: str = "float16", precision: str = "auto", image_size: int | None = None,
+    dtype: str = "auto", precision: str = "auto", image_size: int | None = None,
     image_col: str | None = None, label_col: str | None = None, progress: bool = True,
     shard: str | tuple[int, int] | None = None, decode: str = "auto",
     allow_outside_images: bool = False, crop: str = "center", preprocess_like: str | None = None,
@@ -141,7 +141,13 @@ def _resolve(ds: Dataset, s: ExtractSettings, directory: Path, shard: sharding.S
              fingerprint: str) -> ExtractJob:
     """Resolve the model, device, precision and decode path; name the cache."""
     from featprobe.extraction.backbones import resolve_model
-    from featprobe.policy import default_workers, resolve_decode, resolve_device, resolve_precision
+    from featprobe.policy import (
+        default_workers,
+        resolve_decode,
+        resolve_device,
+        resolve_dtype,
+        resolve_precision,
+    )
 
     model = resolve_model(s.backbone, s.weights, s.layers, s.image_size, s.crop,
                           s.preprocess_like, build=False)
@@ -154,14 +160,15 @@ def _resolve(ds: Dataset, s: ExtractSettings, directory: Path, shard: sharding.S
     workers = s.workers
     if workers is None and shard.local_count > 1 and dev.type == "cuda":
         workers = max(1, default_workers(dev) // shard.local_count)  # ranks share the cores
+    dtype = resolve_dtype(s.dtype, model.weights.kind)
     config = {"format_version": FORMAT_VERSION, "backbone": s.backbone,
               "weights": model.weights.identity, "layers": list(model.layers),
-              "preprocessing": model.preprocessing, "dtype": s.dtype, "precision": prec,
+              "preprocessing": model.preprocessing, "dtype": dtype, "precision": prec,
               "dataset_fingerprint": fingerprint}
     name, key = cache_name(s.backbone, config)
     # the GPU decoder centre-crops only
     decode = resolve_decode(s.decode, dev, workers) if s.crop == "center" else "cpu"
-    return ExtractJob(ds, model, dev, prec, s.dtype, s.on_error, decode, workers, s.batch_size,
+    return ExtractJob(ds, model, dev, prec, dtype, s.on_error, decode, workers, s.batch_size,
                       s.progress,
                       shard, PartialCache(directory / (name + ".h5")), config, key)
 
@@ -234,7 +241,7 @@ def _write_parts(job: ExtractJob, incremental: bool = False):
     builder = partial.builder() if incremental else None
     try:
         if todo:
-            run_parts(job, part_rows, todo, builder=builder)
+            run_parts(job, part_rows, todo, builder=builder, mine=mine)
     except BaseException:
         if builder is not None:
             builder.abort()

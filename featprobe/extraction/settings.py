@@ -25,7 +25,7 @@ class ExtractSettings:
     batch_size: int | None = None
     workers: int | None = None
     on_error: str = "fail"
-    dtype: str = "float16"
+    dtype: str = "auto"
     precision: str = "auto"
     image_size: int | None = None
     decode: str = "auto"

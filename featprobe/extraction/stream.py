@@ -187,13 +187,20 @@ class _Fp16Guard:
         return index.tolist(), {layer: t.numpy() for layer, t in host.items()}, reasons
 
 
-def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None) -> None:
+def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None,
+              mine: list[int] | None = None) -> None:
     """Compute the missing parts, one crash-safe part per batch, written on a thread; with
-    ``builder`` (an H5Builder) each part is also copied into the final HDF5 file as written."""
+    ``builder`` (an H5Builder) each part is also copied into the final HDF5 file as written.
+    ``mine``: the parts of this shard (default: all), which its progress bar counts."""
     ds, layers = job.ds, job.model.layers
-    batches = [list(range(k * part_rows, min((k + 1) * part_rows, len(ds)))) for k in todo]
+
+    def rows(k):
+        return list(range(k * part_rows, min((k + 1) * part_rows, len(ds))))
+
+    batches = [rows(k) for k in todo]
+    total = len(ds) if mine is None else sum(len(rows(k)) for k in mine)
     stream = feature_batches(job.model, ds, job.device, job.precision, batches, job.workers,
-                             job.progress, initial=len(ds) - sum(len(b) for b in batches),
+                             job.progress, initial=total - sum(len(b) for b in batches),
                              decode=job.decode, cast=(cast := StorageCast(job.dtype)))
     writer = _PartWriter(job.partial, builder)
     try:
@@ -217,7 +224,8 @@ def run_parts(job: ExtractJob, part_rows: int, todo: list[int], builder=None) ->
     if (lost := cast.lost_fraction()) > 0.001:
         log.warning(f"warning: float16 storage lost {100 * lost:.1f}% of the nonzero feature "
                     "values (underflow to 0 or overflow to inf: features this small or large "
-                    "are typical of random weights); use --dtype float32")
+                    "are typical of random weights); re-extract with --dtype float32 (auto "
+                    "picks it for --weights none)")
 
 
 class _PartWriter:

@@ -23,6 +23,7 @@ from sklearn.pipeline import Pipeline
 from featprobe.cache import FeatureCache
 from featprobe.data import image_digest
 from featprobe.errors import FeatprobeError
+from featprobe.files import output_path
 from featprobe.probe import outofcore
 from featprobe.probe.headfile import save_head
 from featprobe.probe.registry import (
@@ -124,11 +125,15 @@ def fit(cache: FeatureCache | str | os.PathLike, head: Any = "logreg", layer: st
     earlier = recorded_run(where, key) if record and not force else None
     if earlier is not None and skip_recorded and save is None:
         return FitResult(earlier, None, earlier["run_id"])
-    rec, est = run_fit(c, settings, progress)
     if save is not None:
-        rec["saved_head"] = str(save_fitted(save, est, c, rec["layer"], rec))
-    if record and earlier is None:
-        append_run(where, rec)
+        output_path(save)  # its folder, before the fit
+    rec, est = run_fit(c, settings, progress)
+    try:
+        if save is not None:
+            rec["saved_head"] = str(save_fitted(save, est, c, rec["layer"], rec))
+    finally:  # a head that could not be written does not cost the run its record
+        if record and earlier is None:
+            append_run(where, rec)
     return FitResult(rec, est, earlier["run_id"] if earlier else None)
 
 
@@ -187,7 +192,7 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
     selecting = bool(spec.grid) and (s.sweep or spec.always_selects)
 
     y_train, y_val = c.labels[split.train], c.labels[split.val]
-    requested, sweep_info, ooc = est, None, None
+    requested, sweep_info, ooc, degenerate = est, None, None, None
     n_heads = len(grid_points(spec.grid)) if selecting else 1
     need = outofcore.in_memory_bytes(est, len(split.train) + len(split.val), c.shapes[layer][1],
                                      c.dtypes[layer].itemsize, len(c.classes), n_heads)
@@ -212,6 +217,12 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         X = read_rows(c.path, layer, np.concatenate([split.train, split.val]))
         _require_finite(X, c, layer)
         X_train, X_val = X[: len(split.train)], X[len(split.train):]
+        degenerate = degenerate_features(X_train)
+        if degenerate:
+            hint = ("float16 storage rounds tiny features to 0: re-extract with --dtype float32"
+                    if c.dtypes[layer] == np.float16 else "check the weights and the layer")
+            log.warning(f"warning: {c.path.name} {layer}: {degenerate} over the training rows, "
+                        f"so every head can only score the majority rate; {hint}")
         t0 = time.perf_counter()
         if selecting:
             est, sweep_info = select(c, split, spec, est, s.seed, lambda tr, ytr, va, yva:
@@ -242,11 +253,25 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         sweep=sweep_info, out_of_core=ooc, majority_rate=majority_rate(y_train, y_val),
         val_correct=correct_mask(y_val, val_pred), config_key=config_key, run_key=key,
         params_asked=dict(s.params) if isinstance(s.head, str) else plain_params(s.head),
+        degenerate=degenerate,
     )
     return rec, est
 
 
 _PREPROCESSING = ("standardize", "l2_normalize")
+
+
+def degenerate_features(X: np.ndarray) -> str | None:
+    """What makes ``X`` useless to any head, or None: every value 0, or every column constant
+    (non-finite values are refused before this)."""
+    if X.size == 0:
+        return None
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    if not hi.any() and not lo.any():
+        return "every feature value is 0"
+    if (lo == hi).all():
+        return f"all {X.shape[1]} features are constant"
+    return None
 
 
 def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:

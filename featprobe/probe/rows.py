@@ -142,6 +142,7 @@ class BlockRows:
         order = np.argsort(rows, kind="stable")
         self.rows, self.y = rows[order], np.asarray(y)[order]
         self.path, self.layer, self.progress = Path(path), layer, progress
+        self.epochs = 0  # epochs started (fills), for the progress bar
         self._f, self._ds = open_layer(path, layer)
         self.n, self.d = len(self.rows), self._ds.shape[1]
         self.dtype = self._ds.dtype
@@ -205,8 +206,10 @@ class BlockRows:
         buf, lab = self._buffers(keep_multiple)
         order = torch.randperm(len(self.blocks), generator=gen).tolist()
         filled, i = 0, 0
-        bar = tqdm(total=self.n, unit="row", leave=False, disable=not self.progress or None,
-                   file=sys.stderr, desc="out-of-core epoch")
+        self.epochs += 1
+        # shown when asked for, terminal or not (tqdm's disable=None hides it off a terminal)
+        bar = tqdm(total=self.n, unit="row", disable=not self.progress, file=sys.stderr,
+                   desc=f"out-of-core epoch {self.epochs}", dynamic_ncols=True, leave=False)
         while True:
             while i < len(order):
                 lo, hi, a, b = self.blocks[order[i]]
@@ -227,6 +230,7 @@ class BlockRows:
             buf[: len(rest)] = buf[rest]
             lab[: len(rest)] = lab[rest]
             filled = len(rest)
+        bar.refresh()  # its total, before the next epoch's bar replaces it
         bar.close()
 
     def set_targets(self, y_idx) -> None:

@@ -5,6 +5,7 @@ never pooled (docs/runs.md)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -15,10 +16,13 @@ import numpy as np
 import pandas as pd
 
 from featprobe.cache.format import default_cache_dir
-from featprobe.errors import FeatprobeError
+from featprobe.errors import FeatprobeError, some
+from featprobe.files import output_path
 from featprobe.plain import to_plain
 from featprobe.runs.records import read_runs
 from featprobe.runs.stats import LEVEL, interval, mcnemar_p, paired_p
+
+log = logging.getLogger("featprobe")
 
 __all__ = ["FORMATS", "compare", "format_table", "plot"]
 
@@ -130,6 +134,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan
 
 
+def _warn_degenerate(records: list[dict]) -> None:
+    """One line when runs were fitted on features that carry nothing (see probe.fit)."""
+    bad = sorted({f"{r.get('cache')} {r.get('layer')} ({r['degenerate']})" for r in records
+                  if r.get("degenerate")})
+    if bad:
+        log.warning(f"warning: runs on degenerate features score only the majority rate: "
+                    f"{some(bad, 3, '; ')}")
+
+
 def compare(source: str | os.PathLike | Iterable[dict] | None = None, *,
             group_seeds: bool = True) -> pd.DataFrame:
     """One row per configuration, sorted by val accuracy, best first. ``source``: a cache directory,
@@ -142,7 +155,9 @@ def compare(source: str | os.PathLike | Iterable[dict] | None = None, *,
     indistinguishable from it at 95% on the seeds both measured (``p_vs_best``), False for rows
     below it, None where no seed is shared. ``dataset`` and ``val_fraction`` columns appear when
     the runs span several."""
-    runs = [_run_row(r) for r in _records(source)]
+    records = _records(source)
+    _warn_degenerate(records)
+    runs = [_run_row(r) for r in records]
     groups: dict[tuple, list[dict]] = {}
     for i, row in enumerate(runs):
         if not group_seeds:
@@ -337,7 +352,7 @@ def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         raise FeatprobeError("plotting needs matplotlib: pip install 'featprobe[plot]'") from exc
     if df.empty:
         raise FeatprobeError("nothing to plot: no runs")
-    path = Path(path)
+    path = output_path(path)
     n = len(df)
     acc = 100 * df["val_acc"].to_numpy(dtype=float)
     nan = pd.Series(math.nan, index=df.index)
@@ -380,6 +395,5 @@ def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
     ax.set_title("Validation accuracy (mean, 95% interval)" if "val_acc_ci_low" in df else
                  "Validation accuracy (mean ± std over seeds)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
     return path
