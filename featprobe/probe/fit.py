@@ -46,6 +46,7 @@ from featprobe.runs.records import (
     majority_rate,
     make_record,
     recorded_run,
+    val_outputs,
 )
 from featprobe.splits import split as make_split
 
@@ -212,6 +213,8 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         est, ooc = out["estimator"], out["info"]
         ooc.pop("fit_seconds", None)
         train_pred, val_pred = out["train_pred"], out["val_pred"]
+        val_conf = None  # streamed rows: no second pass for probabilities
+        fit_seconds = time.perf_counter() - t0
     else:
         # read only the split's rows, in bounded blocks (never a second copy of the layer)
         X = read_rows(c.path, layer, np.concatenate([split.train, split.val]))
@@ -230,7 +233,8 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
                                      positions=True)
         est.fit(X_train, y_train)
         train_pred, val_pred = est.predict(X_train), est.predict(X_val)
-    fit_seconds = time.perf_counter() - t0
+        fit_seconds = time.perf_counter() - t0
+        val_conf = _confidence(est, X_val, val_pred)
 
     # the params asked for (an out-of-core logreg/svm is an SGDClassifier: see out_of_core)
     fallback = ooc is not None and "fallback" in ooc
@@ -252,6 +256,7 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         val=compute_metrics(y_val, val_pred, labels), fit_seconds=round(fit_seconds, 4),
         sweep=sweep_info, out_of_core=ooc, majority_rate=majority_rate(y_train, y_val),
         val_correct=correct_mask(y_val, val_pred), config_key=config_key, run_key=key,
+        **val_outputs(val_pred, val_conf),
         params_asked=dict(s.params) if isinstance(s.head, str) else plain_params(s.head),
         degenerate=degenerate,
     )
@@ -272,6 +277,17 @@ def degenerate_features(X: np.ndarray) -> str | None:
     if (lo == hi).all():
         return f"all {X.shape[1]} features are constant"
     return None
+
+
+def _confidence(est, X_val: np.ndarray, val_pred: np.ndarray) -> np.ndarray | None:
+    """The probability of each val row's predicted class (None: the head has none)."""
+    if not hasattr(est, "predict_proba") or not len(X_val):
+        return None
+    try:
+        proba = est.predict_proba(X_val)
+    except (AttributeError, NotImplementedError):
+        return None
+    return proba[np.arange(len(val_pred)), np.searchsorted(est.classes_, val_pred)]
 
 
 def _require_finite(X: np.ndarray, c: FeatureCache, layer: str) -> None:

@@ -1,13 +1,13 @@
 """The best probe head, looked at closely: its val predictions, per-class precision, recall and
 F1, the confusion matrix and the misclassified val images.
 
-Run records keep metrics, not predictions. When the run saved its head (``fit --save``) and the
-file is still there, that head predicts the val rows. Otherwise the report refits the best
-configuration on its
+Run records keep the val predictions and their probabilities (``val_predictions``,
+``val_confidence``): the page reads them, with the cache's labels and ids, and refits nothing.
+For older records, when the run saved its head (``fit --save``) and the file is still there,
+that head predicts the val rows; otherwise the report refits the best configuration on its
 recorded cache, layer, seed and val fraction through featprobe's own fit path
-(:func:`featprobe.probe.fit.run_fit`): the same split, the same head, seconds of work. The
-split's hash and the refit's val accuracy are checked against the record, and the page says
-whether they agree."""
+(:func:`featprobe.probe.fit.run_fit`): the same split, the same head. The split's hash and
+the val accuracy are checked against the record, and the page says whether they agree."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def _settings(record: dict):
     """The FitSettings that reproduce ``record`` (fields this featprobe lacks are refused)."""
     from featprobe.probe.fit import FitSettings
 
-    params = record.get("params_set")
+    params = record.get("params_asked")  # with sweep=True: the same choice again
+    if not isinstance(params, dict):
+        params = record.get("params_set")
     if not isinstance(params, dict):
         params = record.get("params") or {}
     params = {k: v for k, v in params.items() if k not in _NOT_PARAMS}
@@ -135,6 +137,33 @@ def _probabilities(est, X: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
     return proba[np.arange(len(pred)), [classes.index(p) for p in pred]]
 
 
+def _recorded(record: dict, n_val: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The val predictions and probabilities the run recorded, when they fit its split."""
+    try:
+        pred = np.frombuffer(bytes.fromhex(record["val_predictions"]), dtype=np.uint8)
+        conf = record.get("val_confidence")
+        prob = (np.frombuffer(bytes.fromhex(conf), dtype="<u2") / 65535.0
+                if isinstance(conf, str) else None)
+    except (KeyError, TypeError, ValueError):
+        return None, None
+    if len(pred) != n_val or (prob is not None and len(prob) != n_val):
+        return None, None
+    return pred.astype(np.int64), prob
+
+
+def _predicted(record: dict, cache: FeatureCache, settings, split):
+    """Val predictions from the run's saved head, else from a refit (older records)."""
+    from featprobe.probe.fit import run_fit  # imports torch: only when refitting
+
+    est = saved_head(record)
+    source = "saved head" if est is not None else "refit"
+    if est is None:
+        _, est = run_fit(cache, settings)
+    X_val = cache.features(settings.layer, split.val).astype(np.float32)
+    pred = np.asarray(est.predict(X_val))
+    return pred, _probabilities(est, X_val, pred), source
+
+
 def examine(record: dict, label: str, directory: Path, images: str | os.PathLike | None = None,
             max_thumbnails: int = 24, refit: bool = True) -> BestHead:
     """Refit ``record``'s configuration and gather what the page shows of it. Problems a user
@@ -151,24 +180,19 @@ def examine(record: dict, label: str, directory: Path, images: str | os.PathLike
         return out
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    from featprobe.probe.fit import run_fit  # imports torch: only when refitting
-
     try:
         cache = FeatureCache(path)
         settings = _settings(record)
         split = make_split(cache.ids, cache.labels, val_fraction=settings.val_fraction,
                            seed=settings.seed, valid=cache.valid)
-        est = saved_head(record)
-        out.source = "saved head" if est is not None else "refit"
-        if est is None:
-            _, est = run_fit(cache, settings)
-        X_val = cache.features(settings.layer, split.val).astype(np.float32)
+        pred, prob = _recorded(record, len(split.val))
+        out.source = "run record"
+        if pred is None:
+            pred, prob, out.source = _predicted(record, cache, settings, split)
     except (FeatprobeError, ValueError) as e:  # ValueError: a head refusing recorded params
         out.problem = f"could not refit the best configuration: {e}"
         return out
     y_val = cache.labels[split.val]
-    pred = np.asarray(est.predict(X_val))
-    prob = _probabilities(est, X_val, pred)
     labels = list(range(len(cache.classes)))
     out.classes = [str(c) for c in cache.classes]
     out.split_agrees = split.hash == record.get("split_hash")

@@ -24,7 +24,7 @@ from featprobe.errors import FeatprobeError
 from featprobe.plain import to_plain
 
 __all__ = ["RUNS_FILE", "RECORD_FIELDS", "append_run", "compute_metrics", "make_record",
-           "read_runs", "recorded_run", "correct_mask"]
+           "read_runs", "recorded_run", "correct_mask", "val_outputs"]
 
 RUNS_FILE = "runs.jsonl"
 log = logging.getLogger("featprobe")
@@ -64,6 +64,21 @@ def majority_rate(y_train: np.ndarray, y_val: np.ndarray) -> float:
     if len(y_val) == 0:
         return float("nan")
     return float(np.mean(y_val == np.bincount(y_train).argmax()))
+
+
+def val_outputs(y_pred: np.ndarray, confidence: np.ndarray | None) -> dict:
+    """A run's val predictions (class indices, one byte) and the probability of each predicted
+    class (quantised to 1/65535, two bytes), as hex in split order: what ``featprobe report``
+    shows of the run without refitting it (6 hex characters per val image; not kept past 256
+    classes)."""
+    pred = np.asarray(y_pred)
+    if pred.size == 0 or pred.min() < 0 or pred.max() > 255:
+        return {}
+    out = {"val_predictions": pred.astype(np.uint8).tobytes().hex()}
+    if confidence is not None:
+        q = np.rint(np.clip(np.asarray(confidence, dtype=float), 0, 1) * 65535)
+        out["val_confidence"] = q.astype("<u2").tobytes().hex()
+    return out
 
 
 def correct_mask(y_true: np.ndarray, y_pred: np.ndarray) -> str:
@@ -149,7 +164,8 @@ def _lock(path: Path) -> FileLock:
 _TYPES = {**dict.fromkeys(("run_id", "kind", "backbone", "weights", "layer", "head",
                            "dataset_fingerprint", "split_hash"), str),
           **dict.fromkeys(("params", "params_set", "train", "val", "sweep"), dict),
-          **dict.fromkeys(("config_key", "run_key", "val_correct"), str),
+          **dict.fromkeys(("config_key", "run_key", "val_correct", "val_predictions",
+                           "val_confidence"), str),
           "seed": int, "standardize": bool, "l2_normalize": bool, "val_fraction": float,
           "fit_seconds": float, "n_train": int, "n_val": int}
 _METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "majority_rate")
