@@ -29,7 +29,8 @@ VGG = "VGG16's ImageNet weights cannot be had offline: MobileNetV2's can (its la
 SUBSTITUTIONS = [
     # backbones and layers
     Sub(ALL, r"--backbone vgg16\b", "--backbone mobilenet_v2", VGG),
-    Sub(ALL, r"(featprobe extract )", r"\1--backbone mobilenet_v2 --weights IMAGENET1K_V1 ",
+    Sub(ALL, r"(featprobe extract )(?![^\n]*--backbone (?:timm|open_clip):)",
+        r"\1--backbone mobilenet_v2 --weights IMAGENET1K_V1 ",
         VGG + " (vgg16 is the default; MobileNetV2's DEFAULT is V2, not here)"),
     Sub(ALL, r"--backbone (resnet50|efficientnet_b0)\b", r"--backbone \1 --weights none",
         "no ImageNet weights for it offline: random init"),
@@ -40,12 +41,12 @@ SUBSTITUTIONS = [
         VGG + "; install_weights puts a MobileNetV2 state dict there"),
     Sub(ALL, r"--layer fc7", "--layer avgpool", VGG),
     Sub(ALL, r', backbone="vgg16"', "", VGG),
-    Sub(ALL, r'fp\.extract\("data/train\.csv"', 'fp.extract("data/train.csv", '
+    Sub(ALL, r'fp\.extract\("data/train\.csv"(?![^)]*backbone=)', 'fp.extract("data/train.csv", '
         'backbone="mobilenet_v2", weights="IMAGENET1K_V1"', VGG + " (the default)"),
     Sub(ALL, r'\["pool5", "fc7"\]|\["fc7"\]', '["avgpool"]', VGG),
     Sub(ALL, r'"fc7"', '"avgpool"', VGG),
     # small data, short training
-    Sub(ALL, r"(featprobe extract )", r"\1--image-size 64 ",
+    Sub(ALL, r"(featprobe extract )(?![^\n]*(?:open_clip:|timm:\S*vit))", r"\1--image-size 64 ",
         "224 px crops cost ~0.1 s an image on 2 shared cores; 64 px a tenth of it"),
     Sub(ALL, r"(fp\.extract\([^()]*)\)", r"\1, image_size=64)", "as for featprobe extract"),
     Sub(ALL, r"(?m)(featprobe baseline [^\n#]*?)(\s*(?:#.*)?)$", r"\1 --image-size 32 --epochs 2\2",

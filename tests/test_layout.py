@@ -55,7 +55,7 @@ BUDGET = {
     "cli.py split into cli/ (app, one module of commands per stage) so commands can grow": 50,
     "honest comparisons (issue 15): selection on an inner split, --seeds and run keys, intervals "
     "and paired tests, the k-NN head, few-shot curves, l2 normalisation, any sklearn classifier, "
-    "predict's training-image warning": 868,
+    "predict's training-image warning, val predictions in run records": 926,
     "featprobe report (issue 17): one self-contained HTML page (table, charts, curves, the best "
     "head refitted: per-class metrics, confusion matrix, misclassified thumbnails, provenance) "
     "and its headless-Chromium renderer (screenshots, console/network checks)": 964,

@@ -56,7 +56,7 @@ def test_two_fit_processes_per_head_give_identical_results(fork_server, tmp_path
         for k in (1, 2):
             argv = ["fit", str(cache), "--head", head, "--layer", "avgpool", "--seed", "3",
                     "--standardize", "--runs-dir", str(runs), "--save",
-                    str(tmp_path / f"{head}-{k}.npz")]
+                    str(tmp_path / f"{head}-{k}.npz"), "--force"]  # the same run twice
             if head in ("linear", "mlp"):
                 argv += ["--epochs", "5"]
             status, log = server.run(argv)
