@@ -153,7 +153,7 @@ def _pct(x) -> str:
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
 
 
-def _seeds(seed: int, seeds: str | None) -> list[int] | None:
+def _seeds(seeds: str | None) -> list[int] | None:
     """``--seeds 0-9`` or ``--seeds 0,3,7`` (or ``0-4,10``) as a list; None without it."""
     if seeds is None:
         return None

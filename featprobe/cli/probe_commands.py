@@ -65,7 +65,7 @@ def fit(cache, head, layer, seed, seeds, val_fraction, standardize, l2_normalize
 
     named = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
     extra = {**_parse_params(params), **{k: v for k, v in named.items() if v is not None}}
-    results = run(cache, head=head, layer=layer, seed=seed, seeds=_seeds(seed, seeds) or [seed],
+    results = run(cache, head=head, layer=layer, seed=seed, seeds=_seeds(seeds) or [seed],
                   val_fraction=val_fraction, standardize=standardize, l2_normalize=l2_normalize,
                   sweep=sweep, save=save, runs_dir=runs_dir, max_memory=max_memory,
                   progress=_progress(False), force=force, skip_recorded=not force, **extra)
@@ -150,7 +150,7 @@ def baseline(data, images, image_col, label_col, allow_outside_images, image_siz
                image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                val_fraction=val_fraction, cache_dir=cache_dir, device=device, workers=workers,
                progress=_progress(quiet), allow_outside_images=allow_outside_images,
-               seeds=_seeds(seed, seeds) or [seed])
+               seeds=_seeds(seeds) or [seed])
     for rec in recs:
         click.echo(f"cnn baseline  seed {rec['seed']}  split {rec['split_hash']} "
                    f"train {rec['n_train']} val {rec['n_val']}")

@@ -20,6 +20,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featprobe.policy import resolve_device
+from featprobe.probe.torch_heads import _check_int
 
 __all__ = ["KNNHead"]
 
@@ -42,8 +43,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self.device = device
 
     def _check_params(self) -> None:
-        if not isinstance(self.k, numbers.Integral) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1; got {self.k!r}")
+        _check_int(self, "k")
         t = self.temperature
         if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 < t < float("inf"):
             raise ValueError(f"temperature must be a positive number; got {t!r}")

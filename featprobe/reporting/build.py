@@ -26,7 +26,6 @@ from featprobe.reporting.best import BestHead, best_record, examine
 
 log = logging.getLogger("featprobe")
 
-CURVES_FILE = "curves.jsonl"
 CHART_ROWS = 40  # bars in the accuracy chart; the table keeps every row
 _CACHE_FACTS = ("backbone", "weights", "weights_sha256", "layers", "dtype", "precision",
                 "source", "dataset_fingerprint", "n_valid", "created_at", "featprobe_version",
@@ -92,21 +91,10 @@ def render(page: dict) -> str:
 
 
 def read_curves(directory: Path) -> list[dict]:
-    """Few-shot curve records (``featprobe curve``): through featprobe.runs.curves where this
-    featprobe has it, else ``curves.jsonl`` read directly; lines that are not curves are
-    skipped."""
-    try:
-        from featprobe.runs.curves import read_curves as read
-        records = read(directory)
-    except ImportError:
-        path = directory / CURVES_FILE
-        records = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue  # a torn last line left by a stopped writer
+    """Few-shot curve records (``featprobe curve``) that have points to draw."""
+    from featprobe.runs.curves import read_curves as read
+
+    records = read(directory)
     return [r for r in records if isinstance(r, dict) and r.get("kind", "curve") == "curve"
             and isinstance(r.get("points"), list) and r["points"]]
 
