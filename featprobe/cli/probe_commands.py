@@ -20,6 +20,7 @@ from featprobe.cli.app import (
     main,
 )
 from featprobe.errors import FeatprobeError
+from featprobe.files import output_path
 
 
 @main.command()
@@ -261,8 +262,9 @@ def curve(cache, heads, layers, shots, tries, seed, val_fraction, standardize, l
     from featprobe.runs.compare import format_table
     from featprobe.runs.curves import plot_curves, points_table
 
-    if plot_path:
+    if plot_path:  # matplotlib and the PNG's folder, before the fits
         _plot_ready()
+        output_path(plot_path)
     recs = run(cache, heads=heads, layers=layers or None, shots=parse_shots(shots), tries=tries,
                seed=seed, val_fraction=val_fraction, standardize=standardize,
                l2_normalize=l2_normalize, runs_dir=runs_dir, progress=_progress(quiet),

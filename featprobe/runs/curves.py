@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from featprobe.errors import FeatprobeError
+from featprobe.files import output_path
 from featprobe.runs.records import read_runs
 
 __all__ = ["CURVES_FILE", "plot_curves", "points_table", "read_curves"]
@@ -61,7 +62,6 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> Path:
     ax.set_title("Few-shot learning curve (mean, 95% interval)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = output_path(path)
     fig.savefig(path, format="png", dpi=120)
     return path
