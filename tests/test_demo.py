@@ -38,6 +38,8 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert all(r["sweep"]["selected_on"]["n_val"] > 0 for r in runs if r["head"] != "cnn")
     assert len({r["split_hash"] for r in runs}) == 1  # one split for heads and the baseline
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    html = (out / "report.html").read_text(encoding="utf-8")  # the report, path printed
+    assert f"wrote {out / 'report.html'}" in printed.err and "<table" in html
     table = printed.out.splitlines()
     assert table[0].split()[:4] == ["backbone", "weights", "layer", "head"]
     assert len(table) == 1 + 5, printed.out
