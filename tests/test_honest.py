@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from scipy import stats
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import normalize
@@ -68,6 +69,44 @@ def test_coin_flip_labels_every_selecting_command_stays_at_chance(tmp_path):
         assert point["val_acc_ci_low"] <= 0.5 <= point["val_acc_ci_high"] + 0.05, point
 
 
+class Threshold(ClassifierMixin, BaseEstimator):
+    """Class 1 where feature 0 exceeds ``t``: its accuracy is set by the data, point by point."""
+
+    def __init__(self, t=0.0):
+        self.t = t
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        self.fits_ = getattr(self, "fits_", 0) + 1
+        return self
+
+    def predict(self, X):
+        return (np.asarray(X)[:, 0] > self.t).astype(int)
+
+
+def test_a_patient_sweep_stops_after_points_in_a_row_below_the_best():
+    # feature 0 = 1.5 everywhere; labels: 1 for 80% of rows. t < 1.5 predicts 1 (80%), t above
+    # predicts 0 (20%). Grid t: 0 (0.8), 1 (0.8), 2 (0.2), 3 (0.2), 4 (0.2), 5 (0.2)
+    X = np.full((50, 2), 1.5, np.float32)
+    y = np.array([1] * 40 + [0] * 10)
+    from featprobe.probe.sweeps import sweep_head
+
+    grid = {"t": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]}
+    res = sweep_head(Threshold(), grid, X, y, X, y, patience=2)
+    assert [g["t"] for g in res.grid] == [0.0, 1.0, 2.0, 3.0]  # 2 and 3 score below 0.8
+    assert res.not_fitted == [{"t": 4.0}, {"t": 5.0}]
+    assert res.best["t"] == 0.0 and res.best["val_accuracy"] == pytest.approx(0.8)
+    assert len(res.estimators_) == 4
+    # a dip shorter than the patience does not stop the walk; no patience fits every point
+    y2 = np.array([0] * 40 + [1] * 10)  # t < 1.5 now scores 0.2, above it 0.8
+    res = sweep_head(Threshold(), {"t": [1.0, 2.0, 0.0, 3.0, 1.0]}, X, y2, X, y2, patience=2)
+    assert [g["t"] for g in res.grid] == [1.0, 2.0, 0.0, 3.0, 1.0] and not res.not_fitted
+    assert res.best["t"] == 2.0
+    assert len(sweep_head(Threshold(), grid, X, y, X, y).grid) == 6
+    with pytest.raises(FeatprobeError, match="patience"):
+        sweep_head(Threshold(), grid, X, y, X, y, patience=0)
+
+
 def test_knn_head_matches_a_reference_vote_and_saves(cache, tmp_path):
     X = cache.features()
     s = split(cache.ids, cache.labels, seed=0)
@@ -99,6 +138,33 @@ def test_knn_head_matches_a_reference_vote_and_saves(cache, tmp_path):
     small = synthetic_cache(tmp_path / "small", n=40)
     grid = fit(small, head="knn")["sweep"]["grid"]  # 28 inner training rows
     assert [g["k"] for g in grid] == [10, 20]  # k above the inner training rows: left out
+
+
+def test_a_fit_that_stops_at_max_iter_says_so_in_one_line_and_records_it(cache):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    runner = CliRunner()
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        r = runner.invoke(main, ["fit", str(cache.path), "--head", "svm", "--sweep",
+                                 "-p", "max_iter=1"])
+    assert r.exit_code == 0, r.output
+    assert not [w for w in escaped if issubclass(w.category, ConvergenceWarning)]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    rec = read_runs(cache.directory)[-1]
+    n_fits = len(rec["sweep"]["grid"]) + 1
+    assert lines == [f"warning: svm did not converge in {n_fits} of its {n_fits} fits, the "
+                     "scored one among them (Liblinear failed to converge, increase the number "
+                     "of iterations); its scores stand as recorded, with converged: false"]
+    assert "site-packages" not in r.stderr and rec["converged"] is False
+    # only the scored fit; and a fit that converges says nothing and records true
+    r = runner.invoke(main, ["fit", str(cache.path), "--head", "logreg", "-p", "max_iter=1"])
+    assert r.exit_code == 0 and "did not converge in the scored fit (lbfgs failed" in r.stderr
+    r = runner.invoke(main, ["fit", str(cache.path), "--head", "logreg"])
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr
+    assert [x["converged"] for x in read_runs(cache.directory)[-2:]] == [False, True]
 
 
 def test_seeds_are_recorded_once_and_compared_with_intervals(cache):

@@ -106,6 +106,11 @@ def _fit_summary(rec, several: bool) -> None:
             click.echo(f"  sweep {json.dumps(keys)}  inner train "
                        f"{_pct(g['inner_train_accuracy'])}  inner val "
                        f"{_pct(g['inner_val_accuracy'])}")
+        skipped = rec["sweep"].get("not_fitted")
+        if skipped:
+            click.echo(f"  not fitted: {', '.join(json.dumps(p) for p in skipped)} (the walk "
+                       f"stopped: {rec['sweep']['patience']} points in a row scored below the "
+                       "best)")
     if rec["sweep"]:
         click.echo(f"  chosen {json.dumps(rec['sweep']['best']['params'])}")
     _scores(rec)

@@ -11,13 +11,16 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.pipeline import Pipeline
 
 from featprobe.cache import FeatureCache
@@ -198,18 +201,21 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
     need = outofcore.in_memory_bytes(est, len(split.train) + len(split.val), c.shapes[layer][1],
                                      c.dtypes[layer].itemsize, len(c.classes), n_heads)
     t0 = time.perf_counter()
+    unconverged: list[tuple[str, str]] = []  # (which fit, the library's message)
     if need > budget:
         if s.l2_normalize:
             raise FeatprobeError("--l2-normalize needs the features in memory; raise "
                                  "--max-memory")
         if selecting:
-            est, sweep_info = select(c, split, spec, est, s.seed, lambda tr, ytr, va, yva:
-                                     outofcore.fit_out_of_core(c.path, layer, est, spec, tr, ytr,
-                                                               va, yva, budget, True, s.seed,
-                                                               progress)["sweep_result"])
-        out = outofcore.fit_out_of_core(c.path, layer, est, spec, split.train, y_train,
-                                        split.val, y_val, budget, False, s.seed,
-                                        progress=progress)
+            with noting_convergence(unconverged, "grid"):
+                est, sweep_info = select(c, split, spec, est, s.seed, lambda tr, ytr, va, yva:
+                                         outofcore.fit_out_of_core(
+                                             c.path, layer, est, spec, tr, ytr, va, yva, budget,
+                                             True, s.seed, progress)["sweep_result"])
+        with noting_convergence(unconverged, "scored"):
+            out = outofcore.fit_out_of_core(c.path, layer, est, spec, split.train, y_train,
+                                            split.val, y_val, budget, False, s.seed,
+                                            progress=progress)
         est, ooc = out["estimator"], out["info"]
         ooc.pop("fit_seconds", None)
         train_pred, val_pred = out["train_pred"], out["val_pred"]
@@ -228,10 +234,12 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
                         f"so every head can only score the majority rate; {hint}")
         t0 = time.perf_counter()
         if selecting:
-            est, sweep_info = select(c, split, spec, est, s.seed, lambda tr, ytr, va, yva:
-                                     _sweep(est, spec, X_train[tr], ytr, X_train[va], yva),
-                                     positions=True)
-        est.fit(X_train, y_train)
+            with noting_convergence(unconverged, "grid"):
+                est, sweep_info = select(c, split, spec, est, s.seed, lambda tr, ytr, va, yva:
+                                         _sweep(est, spec, X_train[tr], ytr, X_train[va], yva),
+                                         positions=True)
+        with noting_convergence(unconverged, "scored"):
+            est.fit(X_train, y_train)
         train_pred, val_pred = est.predict(X_train), est.predict(X_val)
         fit_seconds = time.perf_counter() - t0
         val_conf = _confidence(est, X_val, val_pred)
@@ -241,6 +249,8 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
     all_params = head_params(requested if fallback else est)
     defaults = spec.params() if isinstance(s.head, str) else {}
     labels = list(range(len(c.classes)))
+    if unconverged:
+        _warn_unconverged(spec.name, unconverged, 1 + len(sweep_info["grid"] if sweep_info else []))
     config_key, key = run_key(c, s)
     rec = make_record(
         kind="probe", cache=c.path.name, cache_path=str(c.path.resolve()),
@@ -258,9 +268,34 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         val_correct=correct_mask(y_val, val_pred), config_key=config_key, run_key=key,
         **val_outputs(val_pred, val_conf),
         params_asked=dict(s.params) if isinstance(s.head, str) else plain_params(s.head),
-        degenerate=degenerate,
+        degenerate=degenerate, converged=not any(w == "scored" for w, _ in unconverged),
     )
     return rec, est
+
+
+@contextmanager
+def noting_convergence(notes: list[tuple[str, str]], which: str):
+    """Collect the ConvergenceWarnings of the fits inside as ``(which, message)`` in ``notes``
+    (scikit-learn prints two lines naming its own file once per grid point; fit says it once,
+    in one line, and records it); other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            notes.append((which, " ".join(str(w.message).split())))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _warn_unconverged(head: str, notes: list[tuple[str, str]], n_fits: int) -> None:
+    fits = {w for w, _ in notes}
+    n = sum(w == "grid" for w, _ in notes) + ("scored" in fits)
+    where = "the scored fit" if n == 1 and "scored" in fits else (
+        f"{n} of its {n_fits} fits" + (", the scored one among them" * ("scored" in fits)))
+    msgs = "; ".join(dict.fromkeys(m.rstrip(".") for _, m in notes))
+    log.warning(f"warning: {head} did not converge in {where} ({msgs}); its scores stand as "
+                "recorded" + (", with converged: false" if "scored" in fits else ""))
 
 
 _PREPROCESSING = ("standardize", "l2_normalize")
@@ -306,7 +341,7 @@ def _sweep(est, spec, X_train, y_train, X_val, y_val):
     if isinstance(est, Pipeline):  # the preprocessing is fit on the rows the grid trains on
         prep = Pipeline(est.steps[:-1]).fit(X_train)
         X_train, X_val = prep.transform(X_train), prep.transform(X_val)
-    return sweep_head(inner, grid, X_train, y_train, X_val, y_val)
+    return sweep_head(inner, grid, X_train, y_train, X_val, y_val, patience=spec.grid_patience)
 
 
 def _train_images(cache: FeatureCache, rec: dict) -> list[str] | None:

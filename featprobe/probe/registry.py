@@ -36,6 +36,9 @@ class HeadSpec:
     always_selects: bool = False  # chooses from its grid on every fit, --sweep or not
     out_of_core: str | None = None  # "torch" | "sgd:<loss>" | None (features must fit memory)
     standardize: bool = True  # may be put behind a StandardScaler
+    # a 1-D grid ordered weakest model first: stop after this many points in a row score below
+    # the best so far (see sweeps.sweep_head); None fits every point
+    grid_patience: int | None = None
 
     def params(self) -> dict:
         """All parameters of the head as ``make_head(name)`` builds it."""
@@ -49,8 +52,10 @@ class HeadSpec:
 
 
 # C for logreg/svm --sweep: one value a decade, 1e-4 ... 1e2 (DINOv2 sweeps 45 values over a
-# wider range; a decade apart is enough to find the regime at 7 fits).
+# wider range; a decade apart is enough to find the regime at 7 fits), walked from the
+# strongest regularisation up until 2 points in a row score below the best so far.
 C_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+C_PATIENCE = 2
 
 HEADS: dict[str, HeadSpec] = {
     spec.name: spec for spec in (
@@ -60,9 +65,11 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec("mlp", MLPHead, "torch MLP (VGG classifier style): Linear-ReLU-Dropout-Linear",
                  out_of_core="torch"),
         HeadSpec("logreg", LogisticRegression, "scikit-learn logistic regression (lbfgs)",
-                 {"max_iter": 1000}, grid={"C": C_GRID}, out_of_core="sgd:log_loss"),
+                 {"max_iter": 1000}, grid={"C": C_GRID}, grid_patience=C_PATIENCE,
+                 out_of_core="sgd:log_loss"),
         HeadSpec("svm", LinearSVC, "scikit-learn linear SVM (LinearSVC); no predict_proba",
-                 {"random_state": 0}, grid={"C": C_GRID}, out_of_core="sgd:hinge"),
+                 {"random_state": 0}, grid={"C": C_GRID}, grid_patience=C_PATIENCE,
+                 out_of_core="sgd:hinge"),
         HeadSpec("svm-rbf", SVC, "scikit-learn RBF-kernel SVM (SVC), Platt-scaled probabilities",
                  {"probability": True, "random_state": 0}),
         HeadSpec("knn", KNNHead, "k nearest neighbours, cosine similarity, weighted vote (T=0.07);"

@@ -54,7 +54,7 @@ def select(c, split: Split, spec: HeadSpec, est, seed: int,
     split_pipeline(est)[0].set_params(**chosen)
     names = {"train_accuracy": "inner_train_accuracy", "val_accuracy": "inner_val_accuracy"}
     grid = [{names.get(k, k): v for k, v in point.items()} for point in result.grid]
-    info = {"grid": grid,
+    info = {"grid": grid, "not_fitted": result.not_fitted, "patience": spec.grid_patience,
             "best": {"params": chosen, **{names[k]: result.best[k] for k in SCORES}},
             "selected_on": {"rows": "inner split of the train rows", "fraction": INNER_FRACTION,
                             "seed": seed, "n_train": len(tr), "n_val": len(va),
