@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
-from featprobe.probe.registry import make_head, split_pipeline
+from featprobe.probe.registry import default_random_state, make_head
 from featprobe.probe.rows import read_rows
 from featprobe.runs.curves import CURVES_FILE
 from featprobe.runs.records import append_run, make_record
@@ -84,9 +84,7 @@ def curve(cache: FeatureCache | str | os.PathLike, heads: Sequence[str] = ("logr
                         used = len(pos)
                         est = make_head(head, standardize=standardize, l2_normalize=l2_normalize,
                                         **params)
-                        inner, _ = split_pipeline(est)
-                        if "random_state" in inner.get_params() and "random_state" not in params:
-                            inner.set_params(random_state=t)
+                        default_random_state(est, t, params)
                         est.fit(X_train[pos], y_train[pos])
                         accs.append(float(np.mean(est.predict(X_val) == y_val)))
                         bar.update(1)

@@ -32,6 +32,7 @@ from featprobe.probe.headfile import save_head
 from featprobe.probe.registry import (
     HEADS,
     HeadSpec,
+    default_random_state,
     head_params,
     make_head,
     plain_params,
@@ -145,10 +146,9 @@ def run_key(c: FeatureCache, s: FitSettings) -> tuple[str, str]:
     """``(config_key, run_key)``: what a run measures (cache, layer, head and the parameters
     asked, preprocessing, selection, val fraction), and that with the seed. Two runs with the
     same run_key are the same measurement: ``runs.jsonl`` holds it once."""
-    spec, _ = _head(s)
-    asked = s.params if isinstance(s.head, str) else plain_params(s.head)
+    spec, _ = _head(s)  # also checks the head and its params, before fit touches any file
     config = {"cache": c.meta.get("cache_key") or c.path.name, "layer": c._layer(s.layer),
-              "head": spec.name, "params": asked, "standardize": s.standardize,
+              "head": spec.name, "params": _asked(s), "standardize": s.standardize,
               "l2_normalize": s.l2_normalize, "sweep": s.sweep, "val_fraction": s.val_fraction}
     if s.max_memory is not None:  # a budget may swap logreg/svm for an SGDClassifier
         config["max_memory"] = str(s.max_memory)
@@ -176,6 +176,10 @@ def _head(s: FitSettings) -> tuple[HeadSpec, Any]:
     return spec, with_preprocessing(clone(s.head), s.standardize, s.l2_normalize)
 
 
+def _asked(s: FitSettings) -> dict:  # the params asked for (a user's estimator: all its own)
+    return dict(s.params) if isinstance(s.head, str) else plain_params(s.head)
+
+
 def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[dict, Any]:
     """One fit as ``s`` says: the run record (not yet appended) and the fitted estimator."""
     budget = outofcore.resolve_budget(s.max_memory)
@@ -186,9 +190,7 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
                     "0.1.0): damage in its features goes unseen here; `featprobe verify` checks "
                     "them in full, re-extracting adds the checksums")
     split = make_split(c.ids, c.labels, val_fraction=s.val_fraction, seed=s.seed, valid=c.valid)
-    inner, _ = split_pipeline(est)
-    if "random_state" in inner.get_params() and "random_state" not in s.params:
-        inner.set_params(random_state=s.seed)
+    default_random_state(est, s.seed, s.params)
     if s.sweep and not spec.grid:
         with_grid = [n for n, h in HEADS.items() if h.grid]
         raise FeatprobeError(f"--sweep is available for the {', '.join(with_grid)} heads, "
@@ -267,7 +269,7 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
         sweep=sweep_info, out_of_core=ooc, majority_rate=majority_rate(y_train, y_val),
         val_correct=correct_mask(y_val, val_pred), config_key=config_key, run_key=key,
         **val_outputs(val_pred, val_conf),
-        params_asked=dict(s.params) if isinstance(s.head, str) else plain_params(s.head),
+        params_asked=_asked(s),
         degenerate=degenerate, converged=not any(w == "scored" for w, _ in unconverged),
     )
     return rec, est

@@ -19,8 +19,9 @@ from featprobe.plain import is_plain, to_plain
 from featprobe.probe.knn import KNNHead
 from featprobe.probe.torch_heads import LinearHead, MLPHead
 
-__all__ = ["HEADS", "HeadSpec", "head_name", "head_params", "is_l2_normalized", "list_heads",
-           "L2Normalizer", "make_head", "spec_of", "split_pipeline", "with_preprocessing"]
+__all__ = ["HEADS", "HeadSpec", "default_random_state", "head_name", "head_params",
+           "is_l2_normalized", "list_heads", "L2Normalizer", "make_head", "spec_of",
+           "split_pipeline", "with_preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,14 @@ def split_pipeline(estimator) -> tuple[BaseEstimator, bool]:
         steps = [s for _, s in estimator.steps]
         return steps[-1], any(isinstance(s, StandardScaler) for s in steps[:-1])
     return estimator, False
+
+
+def default_random_state(estimator, seed: int, params: dict) -> None:
+    """Give the head the run's ``seed`` as its ``random_state`` (if it has one and ``params``,
+    the parameters asked for, do not set it): the policy of ``fit`` and ``curve``."""
+    head, _ = split_pipeline(estimator)
+    if "random_state" in head.get_params() and "random_state" not in params:
+        head.set_params(random_state=seed)
 
 
 def is_l2_normalized(estimator) -> bool:

@@ -362,7 +362,6 @@ def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     else:
         lo = hi = 100 * df.get("val_acc_std", nan).to_numpy(dtype=float)
     lo, hi = np.nan_to_num(lo, nan=0.0), np.nan_to_num(hi, nan=0.0)
-    std = hi
     baseline = (df.get("kind") == "baseline").to_numpy() | (df["backbone"] == "cnn").to_numpy()
     colors = np.where(baseline, "tab:orange", "tab:blue")
 
@@ -375,10 +374,10 @@ def plot(df: pd.DataFrame, path: str | os.PathLike) -> Path:
             ecolor="0.3", hatch=[("//" if t else "") for t in tied], edgecolor="white")
     ax.set_yticks(y, [_bar_label(r) for _, r in df.iterrows()], fontsize=8)
     ax.invert_yaxis()  # best (first row) on top
-    for yi, a, s in zip(y, acc, std, strict=True):
+    for yi, a, h in zip(y, acc, hi, strict=True):  # the value right of its interval bar
         if not math.isnan(a):
-            ax.text(a + s + 0.5, yi, f"{a:.1f}", va="center", fontsize=7)
-    top = np.nanmax(acc + std) if np.isfinite(acc).any() else 100.0
+            ax.text(a + h + 0.5, yi, f"{a:.1f}", va="center", fontsize=7)
+    top = np.nanmax(acc + hi) if np.isfinite(acc).any() else 100.0
     ax.set_xlim(0, min(105.0, top + 8))
     ax.set_xlabel("validation accuracy (%)")
     handles = [Patch(color="tab:blue", label="probe")]
