@@ -98,6 +98,7 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             prob[ok] = proba[np.arange(len(x)), [cols[int(p)] for p in pred[ok]]]
     df = pd.DataFrame({"image_names": ds.ids, "label": [classes[p] if p >= 0 else "" for p in pred],
                        "probability": prob})
+    seen = _seen(ds, meta, df)
     accuracy = None
     if ds.labels is not None:
         truth = [ds.classes[i] for i in ds.labels]
@@ -107,7 +108,7 @@ def predict(head_file: str | os.PathLike, data: str | os.PathLike,
             raise FeatprobeError(f"labels {unknown[:5]} in {data} are not among the head's "
                                  f"classes {classes}")
         hit = np.array([str(a) == str(b) for a, b in zip(df["label"], truth)])
-        scored = ok & ~_seen(ds, meta, df)
+        scored = ok & ~seen
         accuracy = float(hit[scored].mean()) if scored.any() else None
     if not ok.all():
         df["error"] = reasons
@@ -124,8 +125,10 @@ def _seen(ds: Dataset, meta: dict, df: pd.DataFrame) -> np.ndarray:
     if seen.any():
         df["in_training"] = seen
         log.warning(f"warning: {int(seen.sum())} of the {len(ds)} images were in the head's "
-                    "training rows (column in_training): the accuracy leaves them out, "
-                    "because a head scored on its own training images says nothing about new ones")
+                    "training rows (column in_training)" + (
+                        ": the accuracy leaves them out, because a head scored on its own "
+                        "training images says nothing about new ones" if ds.labels is not None
+                        else ""))
     return seen
 
 

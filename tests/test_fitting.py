@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 from pathlib import Path
 
@@ -236,14 +237,12 @@ def test_saved_head_predicts_what_memory_head_predicts(real, head, tmp_path):
     assert list(written["image_names"]) == [f"{i}.png" for i in range(50, 60)]
     # the held-out images' features equal what extract caches for them
     assert "in_training" not in df  # test.csv holds no training image
-    train_pred = predict(tmp_path / "h.npz", root / "train.csv", progress=False, workers=0)[0]
+    train_pred, acc = predict(tmp_path / "h.npz", root / "train.csv", progress=False, workers=0)
     np.testing.assert_array_equal(
         train_pred["label"].astype(int).to_numpy(),
         np.array(cache.classes)[est.predict(X.astype(np.float32))],
     )
     # the head's own training images: marked, and left out of the accuracy
-    train_pred, acc = predict(tmp_path / "h.npz", root / "train.csv", progress=False, workers=0)
-    s = split(cache.ids, cache.labels, seed=0)
     seen = train_pred["in_training"].to_numpy()
     assert seen.sum() == len(s.train) and not seen[s.val].any()
     hit = (train_pred["label"] == train_pred["true_label"]).to_numpy()
@@ -253,6 +252,21 @@ def test_saved_head_predicts_what_memory_head_predicts(real, head, tmp_path):
     else:
         assert train_pred["probability"].between(0.5, 1).all()
     assert rec["saved_head"] == str(tmp_path / "h.npz")
+
+
+def test_predict_marks_training_images_without_labels_too(real, tmp_path, caplog):
+    root, cache = real
+    fit(cache, head="logreg", save=tmp_path / "h.npz", runs_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="featprobe"):
+        df, acc = predict(tmp_path / "h.npz", root / "images", progress=False, workers=0)
+    s = split(cache.ids, cache.labels, seed=0)
+    train_names = {cache.ids[i] for i in s.train}
+    assert acc is None and "true_label" not in df and len(df) == 60
+    assert set(df.loc[df["in_training"], "image_names"]) == train_names
+    assert df["in_training"].sum() == len(train_names)
+    assert f"warning: {len(s.train)} of the 60 images were in the head's training rows " \
+           "(column in_training)" in caplog.text
+    assert "accuracy" not in caplog.text
 
 
 def test_predict_cli_and_refusals(real, tmp_path):
