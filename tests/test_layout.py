@@ -67,9 +67,9 @@ BUDGET = {
     "issue 15, finished: the C grid walked until 2 points in a row score below the best (svm "
     "--sweep on the demo's features 148 s -> 13 s), a fit's ConvergenceWarnings said in one line "
     "and recorded as converged": 62,
-    "review: one copy of 'random_state defaults to the run's seed' (fit and curve had one each) "
-    "and of the params asked (run key and record)": 8,
-    "review: predict marks and warns about training images in unlabelled input too": 3,
+    "review, net: one copy each of 'random_state defaults to the run's seed' (fit, curve), the "
+    "params asked (run key, record), a predicted class's probability (fit, report) and the val "
+    "outputs' decoder (now beside its encoder); predict marks training images when unlabelled": 2,
 }
 
 

@@ -244,7 +244,7 @@ def run_fit(c: FeatureCache, s: FitSettings, progress: bool = False) -> tuple[di
             est.fit(X_train, y_train)
         train_pred, val_pred = est.predict(X_train), est.predict(X_val)
         fit_seconds = time.perf_counter() - t0
-        val_conf = _confidence(est, X_val, val_pred)
+        val_conf = confidence(est, X_val, val_pred)
 
     # the params asked for (an out-of-core logreg/svm is an SGDClassifier: see out_of_core)
     fallback = ooc is not None and "fallback" in ooc
@@ -316,8 +316,9 @@ def degenerate_features(X: np.ndarray) -> str | None:
     return None
 
 
-def _confidence(est, X_val: np.ndarray, val_pred: np.ndarray) -> np.ndarray | None:
-    """The probability of each val row's predicted class (None: the head has none)."""
+def confidence(est, X_val: np.ndarray, val_pred: np.ndarray) -> np.ndarray | None:
+    """The probability of each val row's predicted class (None: the head has none); the
+    record's ``val_confidence``, and what the report shows of a refitted head."""
     if not hasattr(est, "predict_proba") or not len(X_val):
         return None
     try:

@@ -23,6 +23,7 @@ import pandas as pd
 from featprobe.cache import FeatureCache
 from featprobe.errors import FeatprobeError
 from featprobe.reporting.thumbnails import image_root, thumbnail
+from featprobe.runs.records import recorded_val_outputs
 from featprobe.splits import split as make_split
 
 log = logging.getLogger("featprobe")
@@ -125,35 +126,9 @@ def _settings(record: dict):
     return FitSettings(**asked)
 
 
-def _probabilities(est, X: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
-    """The probability of each predicted class, or None for heads without probabilities."""
-    if not hasattr(est, "predict_proba"):
-        return None
-    try:
-        proba = est.predict_proba(X)
-    except (AttributeError, NotImplementedError):
-        return None
-    classes = list(getattr(est, "classes_", range(proba.shape[1])))
-    return proba[np.arange(len(pred)), [classes.index(p) for p in pred]]
-
-
-def _recorded(record: dict, n_val: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The val predictions and probabilities the run recorded, when they fit its split."""
-    try:
-        pred = np.frombuffer(bytes.fromhex(record["val_predictions"]), dtype=np.uint8)
-        conf = record.get("val_confidence")
-        prob = (np.frombuffer(bytes.fromhex(conf), dtype="<u2") / 65535.0
-                if isinstance(conf, str) else None)
-    except (KeyError, TypeError, ValueError):
-        return None, None
-    if len(pred) != n_val or (prob is not None and len(prob) != n_val):
-        return None, None
-    return pred.astype(np.int64), prob
-
-
 def _predicted(record: dict, cache: FeatureCache, settings, split):
     """Val predictions from the run's saved head, else from a refit (older records)."""
-    from featprobe.probe.fit import run_fit  # imports torch: only when refitting
+    from featprobe.probe.fit import confidence, run_fit  # imports torch: only when refitting
 
     est = saved_head(record)
     source = "saved head" if est is not None else "refit"
@@ -161,7 +136,7 @@ def _predicted(record: dict, cache: FeatureCache, settings, split):
         _, est = run_fit(cache, settings)
     X_val = cache.features(settings.layer, split.val).astype(np.float32)
     pred = np.asarray(est.predict(X_val))
-    return pred, _probabilities(est, X_val, pred), source
+    return pred, confidence(est, X_val, pred), source
 
 
 def examine(record: dict, label: str, directory: Path, images: str | os.PathLike | None = None,
@@ -185,7 +160,7 @@ def examine(record: dict, label: str, directory: Path, images: str | os.PathLike
         settings = _settings(record)
         split = make_split(cache.ids, cache.labels, val_fraction=settings.val_fraction,
                            seed=settings.seed, valid=cache.valid)
-        pred, prob = _recorded(record, len(split.val))
+        pred, prob = recorded_val_outputs(record, len(split.val))
         out.source = "run record"
         if pred is None:
             pred, prob, out.source = _predicted(record, cache, settings, split)

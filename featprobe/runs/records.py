@@ -24,7 +24,7 @@ from featprobe.errors import FeatprobeError
 from featprobe.plain import to_plain
 
 __all__ = ["RUNS_FILE", "RECORD_FIELDS", "append_run", "compute_metrics", "make_record",
-           "read_runs", "recorded_run", "correct_mask", "val_outputs"]
+           "read_runs", "recorded_run", "recorded_val_outputs", "correct_mask", "val_outputs"]
 
 RUNS_FILE = "runs.jsonl"
 log = logging.getLogger("featprobe")
@@ -79,6 +79,21 @@ def val_outputs(y_pred: np.ndarray, confidence: np.ndarray | None) -> dict:
         q = np.rint(np.clip(np.asarray(confidence, dtype=float), 0, 1) * 65535)
         out["val_confidence"] = q.astype("<u2").tobytes().hex()
     return out
+
+
+def recorded_val_outputs(record: dict, n_val: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """What :func:`val_outputs` wrote: the val predictions (class indices) and probabilities,
+    or None where the record has none or they do not fit a split of ``n_val`` val rows."""
+    try:
+        pred = np.frombuffer(bytes.fromhex(record["val_predictions"]), dtype=np.uint8)
+        conf = record.get("val_confidence")
+        prob = (np.frombuffer(bytes.fromhex(conf), dtype="<u2") / 65535.0
+                if isinstance(conf, str) else None)
+    except (KeyError, TypeError, ValueError):
+        return None, None
+    if len(pred) != n_val or (prob is not None and len(prob) != n_val):
+        return None, None
+    return pred.astype(np.int64), prob
 
 
 def correct_mask(y_true: np.ndarray, y_pred: np.ndarray) -> str:
