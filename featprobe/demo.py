@@ -87,10 +87,6 @@ def ensure_weights() -> Path:
     return add_checkpoint(src, backbone=BACKBONE)
 
 
-def _recorded(runs: list[dict], **match) -> bool:
-    return any(all(r.get(k) == v for k, v in match.items()) for r in runs)
-
-
 def run(out: Path = Path("demo"), n: int | None = None, seed: int = 0,
         baseline_params: dict | None = None, progress: bool = True) -> dict:
     """The whole demo; returns timings. Idempotent: recorded runs are not repeated."""
